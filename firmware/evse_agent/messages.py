@@ -1,0 +1,114 @@
+"""MQTT topics and message documents, and the outbox that numbers and sends them.
+
+Every message the agent publishes is a JSON object carrying ``seq``, a number that grows
+by one per message, so consumers can drop QoS 1 redeliveries and notice gaps. The
+``Outbox`` owns that numbering and is the single path from the core to the publisher —
+the seam where the durable journal stores a message before it goes out.
+"""
+
+import json
+
+
+class Topics:
+    """Topic names of one station: ``<prefix>/<station_id>/<channel>``."""
+
+    __slots__ = ("base", "status", "telemetry", "meter", "event", "session", "state")
+
+    def __init__(self, prefix, station_id):
+        self.base = prefix + "/" + station_id
+        self.status = self.base + "/status"  # retained "online" / "offline" (last will)
+        self.telemetry = self.base + "/telemetry"
+        self.meter = self.base + "/meter"  # retained meter link status
+        self.event = self.base + "/event"
+        self.session = self.base + "/session"
+        self.state = self.base + "/state"
+
+
+def _days_to_civil(days):
+    """(year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm)."""
+    days += 719468
+    era = (days if days >= 0 else days - 146096) // 146097
+    doe = days - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    year = yoe + era * 400
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return (year + 1 if month <= 2 else year), month, day
+
+
+def iso_utc(epoch_s):
+    """ISO-8601 UTC time with milliseconds, e.g. ``2026-11-25T06:50:01.123Z``."""
+    total_ms = int(round(epoch_s * 1000))
+    seconds, ms = divmod(total_ms, 1000)
+    days, rem = divmod(seconds, 86400)
+    year, month, day = _days_to_civil(days)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (
+        year, month, day, rem // 3600, rem // 60 % 60, rem % 60, ms)
+
+
+def _rounded(values, digits):
+    return [None if v is None else round(v, digits) for v in values]
+
+
+def telemetry_doc(reading):
+    """The telemetry message body for one reading (``seq`` is added by the outbox)."""
+    return {
+        "ts": iso_utc(reading.time),
+        "voltage_v": _rounded(reading.voltage, 2),
+        "current_a": _rounded(reading.current, 3),
+        "power_w": _rounded(reading.power, 1),
+        "power_total_w": None if reading.power_total is None else round(reading.power_total, 1),
+        "frequency_hz": None if reading.frequency is None else round(reading.frequency, 3),
+        "energy_wh": reading.energy_wh,
+        "energy_resolution_mwh": reading.energy_resolution_mwh,
+        "meter_serial": reading.serial,
+    }
+
+
+def meter_status_doc(meter, clock):
+    """The retained meter-link message: online state, last error and counters."""
+    link = meter.link
+    now_ms = clock.monotonic_ms()
+    now = clock.time()
+    doc = {
+        "ts": iso_utc(now),
+        "online": link.online,
+        "model": meter.model.name,
+        "unit_id": meter.unit_id,
+        "serial": meter.serial,
+        "since": iso_utc(now - (now_ms - link.since_ms) / 1000),
+        "consecutive_failures": link.consecutive_failures,
+        "last_error": link.last_error,
+        "last_error_ts": None if link.last_error_ms is None
+        else iso_utc(now - (now_ms - link.last_error_ms) / 1000),
+        "cycles": link.cycles,
+        "failed_cycles": link.failed_cycles,
+        "modbus": meter.master.stats.as_dict(),
+    }
+    return doc
+
+
+class Outbox:
+    """Numbers each outgoing message and hands it to the publisher.
+
+    ``publisher`` offers ``publish(topic, payload, qos, retain)``. Sequence numbers start
+    at ``first_seq``; the durable journal takes over their persistence across restarts.
+    """
+
+    def __init__(self, publisher, station_id, first_seq=1):
+        self.publisher = publisher
+        self.station_id = station_id
+        self.next_seq = first_seq
+        self.posted = 0
+
+    def post(self, topic, doc, qos=0, retain=False):
+        """Stamp ``doc`` with station and seq, publish it, and return the seq used."""
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        doc["seq"] = seq
+        doc["station"] = self.station_id
+        self.publisher.publish(topic, json.dumps(doc), qos, retain)
+        self.posted += 1
+        return seq

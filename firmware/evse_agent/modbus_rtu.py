@@ -1,0 +1,279 @@
+"""Modbus RTU master: CRC-16/MODBUS, request framing, response validation, transactions.
+
+Framing is pure and works on bytes (``crc16``, ``build_read_request``,
+``check_read_response``). ``RtuMaster`` runs transactions over any
+byte stream the port hands it, with inter-frame silence, a response timeout, an
+inter-character gap limit, and a bounded number of retries.
+
+The stream is an object with:
+
+- ``write(data)`` — send bytes (small frames; may block for their wire time);
+- ``await read(max_bytes, timeout_ms)`` — bytes that arrived within ``timeout_ms``
+  (at least one byte, or ``b""`` on timeout);
+- ``reset_input()`` — drop bytes not yet read.
+"""
+
+import asyncio
+
+from .registers import FN_READ_HOLDING, FN_READ_INPUT
+
+MAX_READ_REGISTERS = 125  # Modbus application protocol limit for functions 3 and 4
+
+EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target failed to respond",
+}
+
+
+def _make_crc_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC_TABLE = _make_crc_table()
+
+
+def crc16(data, crc=0xFFFF):
+    """CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF) of ``data``; sent low byte first."""
+    table = _CRC_TABLE
+    for byte in data:
+        crc = (crc >> 8) ^ table[(crc ^ byte) & 0xFF]
+    return crc
+
+
+class ModbusError(Exception):
+    """Any failed Modbus transaction. ``kind`` names the failure for counters and reports."""
+
+    kind = "error"
+
+
+class ModbusTimeout(ModbusError):
+    """The meter did not answer (or stopped mid-frame) within the time allowed."""
+
+    kind = "timeout"
+
+
+class ModbusCrcError(ModbusError):
+    """A response arrived whose CRC does not match its bytes."""
+
+    kind = "crc"
+
+
+class ModbusFrameError(ModbusError):
+    """A response arrived that is not the answer to the request (address, function, length)."""
+
+    kind = "frame"
+
+
+class ModbusExceptionResponse(ModbusError):
+    """The meter answered with a Modbus exception code."""
+
+    kind = "exception"
+
+    def __init__(self, function, code):
+        self.function = function
+        self.code = code
+        ModbusError.__init__(self, "exception %d (%s) for function %d"
+                             % (code, EXCEPTION_NAMES.get(code, "unknown"), function))
+
+
+def build_read_request(unit, function, address, count):
+    """The RTU frame reading ``count`` registers from ``address`` with function 3 or 4."""
+    if not 1 <= unit <= 247:
+        raise ValueError("unit id %r is outside 1..247" % (unit,))
+    if function not in (FN_READ_HOLDING, FN_READ_INPUT):
+        raise ValueError("function %r is not a register read (3 or 4)" % (function,))
+    if not 0 <= address <= 0xFFFF:
+        raise ValueError("register address %r is outside 0..65535" % (address,))
+    if not 1 <= count <= MAX_READ_REGISTERS or address + count > 0x10000:
+        raise ValueError("register count %r is outside 1..125 or past 0xFFFF" % (count,))
+    frame = bytearray(8)
+    frame[0] = unit
+    frame[1] = function
+    frame[2] = address >> 8
+    frame[3] = address & 0xFF
+    frame[4] = count >> 8
+    frame[5] = count & 0xFF
+    crc = crc16(memoryview(frame)[:6])
+    frame[6] = crc & 0xFF
+    frame[7] = crc >> 8
+    return bytes(frame)
+
+
+def check_read_response(frame, unit, function, count):
+    """The register bytes of a read response, after checking every field of the frame.
+
+    Raises ``ModbusExceptionResponse`` for an exception frame, ``ModbusCrcError`` for a
+    bad CRC, ``ModbusFrameError`` for a frame that does not answer this request.
+    """
+    if len(frame) < 5:
+        raise ModbusFrameError("response of %d bytes is shorter than 5" % len(frame))
+    received = frame[-2] | (frame[-1] << 8)
+    computed = crc16(memoryview(frame)[:-2])
+    if received != computed:
+        raise ModbusCrcError("response CRC 0x%04X, computed 0x%04X" % (received, computed))
+    if frame[0] != unit:
+        raise ModbusFrameError("response from unit %d, expected %d" % (frame[0], unit))
+    if frame[1] == function | 0x80:
+        if len(frame) != 5:
+            raise ModbusFrameError("exception response of %d bytes, expected 5" % len(frame))
+        raise ModbusExceptionResponse(function, frame[2])
+    if frame[1] != function:
+        raise ModbusFrameError("response function %d, expected %d" % (frame[1], function))
+    if frame[2] != 2 * count:
+        raise ModbusFrameError("response byte count %d, expected %d" % (frame[2], 2 * count))
+    if len(frame) != 5 + 2 * count:
+        raise ModbusFrameError("response of %d bytes, expected %d" % (len(frame), 5 + 2 * count))
+    return bytes(memoryview(frame)[3:-2])
+
+
+class MasterStats:
+    """Counters of one master's transactions, for status reports."""
+
+    __slots__ = ("requests", "ok", "timeouts", "crc_errors", "frame_errors", "exceptions", "retries")
+
+    def __init__(self):
+        self.requests = 0
+        self.ok = 0
+        self.timeouts = 0
+        self.crc_errors = 0
+        self.frame_errors = 0
+        self.exceptions = 0
+        self.retries = 0
+
+    def count_error(self, error):
+        kind = error.kind
+        if kind == "timeout":
+            self.timeouts += 1
+        elif kind == "crc":
+            self.crc_errors += 1
+        elif kind == "exception":
+            self.exceptions += 1
+        else:
+            self.frame_errors += 1
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def char_time_us(baudrate):
+    """Time of one character on the wire: 11 bits (start, 8 data, parity or 2nd stop, stop)."""
+    return 11000000 // baudrate
+
+
+class RtuMaster:
+    """Runs Modbus RTU read transactions on one serial line.
+
+    ``clock`` supplies ``monotonic_ms()``. Timing follows the Modbus serial line spec:
+    3.5 character times of silence before each request (1.75 ms above 19200 baud), a
+    response timeout for the first byte, and a gap limit between bytes of one frame
+    (kept generous, as USB-RS485 adapters deliver bytes in bursts).
+    """
+
+    def __init__(self, stream, clock, baudrate, timeout_ms=500, retries=2, gap_ms=20):
+        if retries < 0 or retries > 10:
+            raise ValueError("retries %r is outside 0..10" % (retries,))
+        self.stream = stream
+        self.clock = clock
+        char_us = char_time_us(baudrate)
+        self.silence_ms = 2 if baudrate > 19200 else (35 * char_us + 9999) // 10000
+        self.char_us = char_us
+        self.timeout_ms = timeout_ms
+        self.retries = retries
+        self.gap_ms = gap_ms
+        self.stats = MasterStats()
+        self._last_activity_ms = clock.monotonic_ms() - self.silence_ms
+        self._lock = asyncio.Lock()
+
+    async def read_registers(self, unit, function, address, count):
+        """Register bytes (2 per register) read with retries; raises the last ModbusError."""
+        request = build_read_request(unit, function, address, count)
+        async with self._lock:
+            attempt = 0
+            while True:
+                try:
+                    data = await self._transact(request, unit, function, count)
+                    self.stats.ok += 1
+                    return data
+                except ModbusExceptionResponse as error:
+                    self.stats.count_error(error)
+                    if error.code not in (5, 6) or attempt >= self.retries:
+                        raise
+                except ModbusError as error:
+                    self.stats.count_error(error)
+                    if attempt >= self.retries:
+                        raise
+                attempt += 1
+                self.stats.retries += 1
+
+    async def _transact(self, request, unit, function, count):
+        stream = self.stream
+        wait = self.silence_ms - (self.clock.monotonic_ms() - self._last_activity_ms)
+        if wait > 0:
+            await asyncio.sleep(wait / 1000)
+        stream.reset_input()
+        self.stats.requests += 1
+        stream.write(request)
+        sent_ms = self.clock.monotonic_ms()
+        # The request itself takes time on the wire before the meter can start answering.
+        wire_ms = (len(request) * self.char_us + 999) // 1000
+        frame = bytearray()
+        expected = 3  # until the header tells the frame's length
+        deadline = sent_ms + wire_ms + self.timeout_ms
+        try:
+            while len(frame) < expected:
+                if frame:
+                    remaining = self.gap_ms
+                else:
+                    remaining = deadline - self.clock.monotonic_ms()
+                    if remaining <= 0:
+                        raise ModbusTimeout("no response within %d ms" % self.timeout_ms)
+                chunk = await stream.read(expected - len(frame), remaining)
+                if not chunk:
+                    if not frame:
+                        raise ModbusTimeout("no response within %d ms" % self.timeout_ms)
+                    raise ModbusTimeout("response stopped after %d of %d bytes" % (len(frame), expected))
+                frame.extend(chunk)
+                if expected == 3 and len(frame) >= 3:
+                    expected = self._length_from_header(frame, unit, function, count)
+                    if not expected:
+                        await self._drain()
+                        raise ModbusFrameError("response header %s does not answer unit %d function %d"
+                                               " for %d registers" % (_hex(frame[:3]), unit, function, count))
+            return check_read_response(frame, unit, function, count)
+        finally:
+            self._last_activity_ms = self.clock.monotonic_ms()
+
+    @staticmethod
+    def _length_from_header(header, unit, function, count):
+        """Expected frame length, or 0 when the header cannot start the answer to this request."""
+        if header[0] != unit:
+            return 0
+        if header[1] == function | 0x80:
+            return 5
+        if header[1] != function or header[2] != 2 * count:
+            return 0
+        return 5 + 2 * count
+
+    async def _drain(self):
+        """Discard bytes until the line has been silent for one gap (bounded by the timeout)."""
+        start = self.clock.monotonic_ms()
+        while self.clock.monotonic_ms() - start < self.timeout_ms:
+            if not await self.stream.read(256, self.gap_ms):
+                return
+
+
+def _hex(data):
+    return " ".join("%02X" % b for b in data)

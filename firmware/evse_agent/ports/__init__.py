@@ -1,0 +1,1 @@
+"""Platform ports: the only modules that import platform-specific libraries."""

@@ -1,0 +1,1 @@
+"""CPython port (Linux single-board computers): pyserial, paho-mqtt, the system clock."""

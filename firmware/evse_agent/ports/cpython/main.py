@@ -1,0 +1,111 @@
+"""``evse-agent``: run the agent on a Linux controller (or the host simulator board).
+
+Usage: ``evse-agent --board boards/sim.json [--set meter.port=/dev/pts/3] [--duration 30]``
+"""
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+
+from ... import __version__, log
+from ...agent import Agent
+from ...config import ConfigError, apply_override, validate
+from ...messages import Outbox, Topics, iso_utc
+from ...meter import ModbusMeter
+from ...meter_models import model_named
+from ...modbus_rtu import RtuMaster
+from ...reading import summary_line
+from .clock import SystemClock
+from .mqtt import MqttPublisher
+from .serial_link import SerialStream
+
+
+def load_config(board_path, overrides):
+    """The validated board config with ``section.field=value`` overrides applied."""
+    try:
+        with open(board_path) as handle:
+            doc = json.load(handle)
+    except OSError as error:
+        raise ConfigError("%s: cannot read board file (%s)" % (board_path, error))
+    except ValueError as error:
+        raise ConfigError("%s: not valid JSON (%s)" % (board_path, error))
+    if not isinstance(doc, dict):
+        raise ConfigError("%s: expected a JSON object at the top level" % board_path)
+    for assignment in overrides:
+        apply_override(doc, assignment)
+    try:
+        return validate(doc)
+    except ConfigError as error:
+        raise ConfigError("%s: %s" % (board_path, error))
+
+
+def _stderr_sink(level, text):
+    sys.stderr.write("%s %-7s %s\n" % (iso_utc(time.time()), log.LEVEL_NAMES.get(level, level), text))
+    sys.stderr.flush()
+
+
+def _print_reading(reading):
+    sys.stdout.write("%s  %s\n" % (iso_utc(reading.time)[11:23], summary_line(reading)))
+    sys.stdout.flush()
+
+
+def build_agent(config, clock, quiet=False):
+    """Wire the ports to the core; returns (agent, publisher, stream)."""
+    meter_cfg = config["meter"]
+    stream = SerialStream(meter_cfg["port"], meter_cfg["baudrate"], meter_cfg["parity"], meter_cfg["stopbits"])
+    master = RtuMaster(stream, clock, meter_cfg["baudrate"], meter_cfg["timeout_ms"], meter_cfg["retries"])
+    meter = ModbusMeter(master, model_named(meter_cfg["model"]), meter_cfg["unit_id"], clock,
+                        meter_cfg["offline_after"])
+    topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
+    publisher = MqttPublisher(config["mqtt"], topics.status)
+    outbox = Outbox(publisher, config["station_id"])
+    agent = Agent(config, meter, outbox, clock, on_reading=None if quiet else _print_reading)
+    return agent, publisher, stream
+
+
+async def _run(agent, duration_s):
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, agent.stop)
+    await agent.run(duration_s)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="evse-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--board", required=True, help="board file (JSON), e.g. boards/sim.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one board setting (repeatable)")
+    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument("--quiet", action="store_true", help="do not print live readings")
+    parser.add_argument("--verbose", action="store_true", help="log debug lines (each failed poll)")
+    parser.add_argument("--version", action="version", version="evse-agent " + __version__)
+    args = parser.parse_args(argv)
+    log.set_sink(_stderr_sink, log.DEBUG if args.verbose else log.INFO)
+    try:
+        config = load_config(args.board, args.overrides)
+    except ConfigError as error:
+        sys.stderr.write("evse-agent: refusing to start: %s\n" % error)
+        return 2
+    clock = SystemClock()
+    try:
+        agent, publisher, stream = build_agent(config, clock, args.quiet)
+    except OSError as error:
+        sys.stderr.write("evse-agent: refusing to start: %s\n" % error)
+        return 1
+    log.info("evse-agent %s station %s: meter %s unit %d on %s, broker %s:%d" % (
+        __version__, config["station_id"], config["meter"]["model"], config["meter"]["unit_id"],
+        config["meter"]["port"], config["mqtt"]["host"], config["mqtt"]["port"]))
+    publisher.start()
+    try:
+        asyncio.run(_run(agent, args.duration))
+    finally:
+        publisher.stop()
+        stream.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""MQTT publisher on paho-mqtt 2.x: retained online status, last will, explicit reconnect policy.
+
+Callbacks are thin: they record link state; the core only calls ``publish``.
+"""
+
+import ssl
+import threading
+
+import paho.mqtt.client as paho
+
+from ... import log
+
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+class MqttPublisher:
+    """Publishes the agent's messages to one broker; reconnects by itself with back-off."""
+
+    def __init__(self, mqtt_config, status_topic):
+        self.config = mqtt_config
+        self.status_topic = status_topic
+        self.connected = False
+        self.connects = 0
+        self.last_error = None
+        self._connected_event = threading.Event()
+        client = paho.Client(
+            callback_api_version=paho.CallbackAPIVersion.VERSION2,
+            client_id=mqtt_config["client_id"],
+            protocol=paho.MQTTv311,
+            clean_session=True,
+        )
+        if mqtt_config["username"] is not None:
+            client.username_pw_set(mqtt_config["username"], mqtt_config["password"])
+        tls = mqtt_config["tls"]
+        if tls["enabled"]:
+            client.tls_set(ca_certs=tls["ca_file"], certfile=tls["cert_file"],
+                           keyfile=tls["key_file"], cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(tls["insecure"])
+        client.will_set(status_topic, OFFLINE, qos=1, retain=True)
+        client.reconnect_delay_set(int(max(1, mqtt_config["reconnect_min_s"])),
+                                   int(mqtt_config["reconnect_max_s"]))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        self.client = client
+
+    def start(self):
+        """Connect in the background; publishing works as soon as the broker answers."""
+        config = self.config
+        self.client.connect_async(config["host"], config["port"], config["keepalive_s"])
+        self.client.loop_start()
+
+    def wait_connected(self, timeout_s):
+        """True once connected within ``timeout_s`` seconds."""
+        return self._connected_event.wait(timeout_s)
+
+    def publish(self, topic, payload, qos=0, retain=False):
+        """Queue one message; False when paho refused it (e.g. QoS 0 while disconnected)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == paho.MQTT_ERR_SUCCESS
+
+    def stop(self):
+        """Say ``offline`` (retained) and disconnect cleanly, so the will is not needed."""
+        if self.connected:
+            info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self.last_error = "connect refused: %s" % reason_code
+            log.warning("MQTT broker %s:%s refused connection: %s"
+                        % (self.config["host"], self.config["port"], reason_code))
+            return
+        self.connected = True
+        self.connects += 1
+        client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        log.info("MQTT connected to %s:%s" % (self.config["host"], self.config["port"]))
+        self._connected_event.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        was_connected = self.connected
+        self.connected = False
+        self._connected_event.clear()
+        if reason_code.is_failure or reason_code.value != 0:
+            self.last_error = "disconnected: %s" % reason_code
+            if was_connected:
+                log.warning("MQTT disconnected: %s; reconnecting" % reason_code)

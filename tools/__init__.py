@@ -1,0 +1,1 @@
+"""Host-side programs: meter simulator, pty link, demo."""
