@@ -311,6 +311,10 @@ class MeterSimulator:
     def _trace_packet(self, sending, data):
         if not sending:
             return data
+        if data and data[0] != self.unit_id:
+            # A request for another unit id: on a real bus that meter stays silent.
+            # (pymodbus 3.16's simulator answers those with exception 4 instead.)
+            return b""
         fault = self.fault
         if fault == "silent":
             return b""

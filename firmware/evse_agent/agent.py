@@ -40,8 +40,7 @@ class Agent:
         next_poll = started
         next_telemetry = started
         next_status = started + self._status_ms
-        link_online = None
-        self.publish_meter_status()
+        reported_transitions = -1  # the first cycle always publishes the link status
         while not self._stopping:
             now = clock.monotonic_ms()
             if end_ms is not None and now >= end_ms:
@@ -54,8 +53,8 @@ class Agent:
                 next_poll = now + self._poll_ms
             reading = await self.meter.read()
             self.cycles += 1
-            if self.meter.link.online != link_online or now >= next_status:
-                link_online = self.meter.link.online
+            if self.meter.link.transitions != reported_transitions or now >= next_status:
+                reported_transitions = self.meter.link.transitions
                 next_status = now + self._status_ms
                 self.publish_meter_status()
             if reading is None:

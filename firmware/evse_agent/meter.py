@@ -19,7 +19,7 @@ class MeterLink:
     """Health of the meter link: what an operator or technician asks first."""
 
     __slots__ = ("online", "since_ms", "consecutive_failures", "last_error", "last_error_ms",
-                 "cycles", "failed_cycles", "offline_after")
+                 "cycles", "failed_cycles", "offline_after", "transitions")
 
     def __init__(self, offline_after, now_ms):
         self.online = False
@@ -30,6 +30,7 @@ class MeterLink:
         self.cycles = 0
         self.failed_cycles = 0
         self.offline_after = offline_after
+        self.transitions = 0  # grows on every change worth reporting (online / declared offline)
 
     def record_success(self, now_ms):
         """Count a good cycle; True when this brings the link online."""
@@ -38,6 +39,7 @@ class MeterLink:
         if not self.online:
             self.online = True
             self.since_ms = now_ms
+            self.transitions += 1
             return True
         return False
 
@@ -51,6 +53,7 @@ class MeterLink:
         if self.consecutive_failures == self.offline_after:
             self.online = False
             self.since_ms = now_ms
+            self.transitions += 1
             return True
         return False
 

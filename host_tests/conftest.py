@@ -1,0 +1,113 @@
+"""Shared fixtures: a real mosquitto, the pty meter simulator, and the agent as a process."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from evse_tools.broker import Mosquitto
+from evse_tools.meter_sim import MeterSimulator
+from evse_tools.subscriber import Collector
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIM_BOARD = os.path.join(ROOT, "boards", "sim.json")
+
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+@pytest.fixture
+def broker():
+    with Mosquitto() as mosquitto:
+        yield mosquitto
+
+
+@pytest.fixture
+def meter_sim():
+    """Factory: ``meter_sim(model="sdm630", **options)`` -> a started MeterSimulator."""
+    started = []
+
+    def make(model="sdm630", **options):
+        sim = MeterSimulator(model, **options)
+        sim.start()
+        started.append(sim)
+        return sim
+
+    yield make
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def collector(broker):
+    """A subscriber on ``evse/#`` at the test's broker."""
+    sub = Collector(broker.host, broker.port, "evse/#")
+    yield sub
+    sub.close()
+
+
+class AgentProcess:
+    """``evse-agent`` run as a real process; its stdout/stderr lines are collected."""
+
+    def __init__(self, args):
+        self.args = args
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "evse_agent.ports.cpython.main"] + args,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.stdout = []
+        self.stderr = []
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.process.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._pump, args=(self.process.stderr, self.stderr), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _pump(stream, lines):
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    def alive(self):
+        return self.process.poll() is None
+
+    def stop(self, timeout_s=10):
+        """SIGTERM (clean shutdown) and wait; returns the exit code."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(timeout_s)
+        for thread in self._threads:
+            thread.join(5)
+        return code
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait(10)
+
+    def log(self):
+        return "\n".join(self.stderr)
+
+
+@pytest.fixture
+def agent_process():
+    """Factory: ``agent_process(broker, device, "--set", "x=y", board=SIM_BOARD)``."""
+    running = []
+
+    def start(broker, device, *extra, board=SIM_BOARD):
+        args = ["--board", board, "--set", "meter.port=" + device,
+                "--set", "mqtt.port=%d" % broker.port] + list(extra)
+        agent = AgentProcess(args)
+        running.append(agent)
+        return agent
+
+    yield start
+    for agent in running:
+        if agent.alive():
+            agent.stop()

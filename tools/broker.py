@@ -1,0 +1,96 @@
+"""A private mosquitto broker on a free loopback port, for the demo, tests and benchmarks."""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+SEARCH_PATH = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin" + os.pathsep + "/usr/local/sbin"
+
+
+def find_mosquitto():
+    """Path of the mosquitto binary; RuntimeError saying how to install it otherwise."""
+    path = shutil.which("mosquitto", path=SEARCH_PATH)
+    if path is None:
+        raise RuntimeError("mosquitto not found: install it (Debian: apt-get install mosquitto, "
+                           "or run `make test`, which does)")
+    return path
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Mosquitto:
+    """One mosquitto process owned by the caller: start, stop, kill and restart at will.
+
+    The port stays the same across restarts, so clients reconnect to the same address.
+    """
+
+    def __init__(self, port=None, persistence=False):
+        self.binary = find_mosquitto()
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self._dir = tempfile.mkdtemp(prefix="evse-mosquitto-")
+        self.config_path = os.path.join(self._dir, "mosquitto.conf")
+        self.log_path = os.path.join(self._dir, "mosquitto.log")
+        with open(self.config_path, "w") as conf:
+            conf.write("listener %d 127.0.0.1\n" % self.port)
+            conf.write("allow_anonymous true\n")
+            conf.write("persistence %s\n" % ("true" if persistence else "false"))
+            if persistence:
+                conf.write("persistence_location %s/\n" % self._dir)
+            conf.write("log_dest file %s\n" % self.log_path)
+            conf.write("log_type error\nlog_type warning\nlog_type notice\n")
+        self.process = None
+
+    def start(self, timeout_s=10):
+        """Start the broker and wait until it accepts connections."""
+        self.process = subprocess.Popen([self.binary, "-c", self.config_path],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("mosquitto exited with %s: %s"
+                                   % (self.process.returncode, self.process.stderr.read().decode()))
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not accept connections on port %d within %s s"
+                           % (self.port, timeout_s))
+
+    def kill(self):
+        """Kill -9: a broker crash, no goodbye to clients."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self):
+        """Terminate cleanly."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self):
+        self.kill()
+        return self.start()
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
