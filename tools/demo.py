@@ -71,8 +71,8 @@ def run(seconds):
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         pump = threading.Thread(target=_pump, args=(agent.stdout, "[agent]"), daemon=True)
         pump.start()
-        fault_at = seconds * 0.5
-        fault_for = min(5.0, seconds * 0.2)
+        fault_at = seconds * 0.4
+        fault_for = max(4.0, min(6.0, seconds * 0.2))  # long enough to be declared offline
         started = time.monotonic()
         fault_on = fault_done = False
         try:
