@@ -19,6 +19,13 @@ def find_mosquitto():
     return path
 
 
+def _mosquitto_passwd():
+    path = shutil.which("mosquitto_passwd", path=SEARCH_PATH)
+    if path is None:
+        raise RuntimeError("mosquitto_passwd not found (it ships with the mosquitto package)")
+    return path
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
@@ -32,7 +39,9 @@ class Mosquitto:
     The port stays the same across restarts, so clients reconnect to the same address.
     """
 
-    def __init__(self, port=None, persistence=False):
+    def __init__(self, port=None, persistence=False, tls_files=None, users=None):
+        """``tls_files``: (ca, cert, key) paths for a TLS listener; ``users``: {name: password}
+        to require a login (anonymous clients are then refused)."""
         self.binary = find_mosquitto()
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -41,7 +50,20 @@ class Mosquitto:
         self.log_path = os.path.join(self._dir, "mosquitto.log")
         with open(self.config_path, "w") as conf:
             conf.write("listener %d 127.0.0.1\n" % self.port)
-            conf.write("allow_anonymous true\n")
+            if os.geteuid() == 0:
+                # Keep root's access to this private directory instead of dropping to "mosquitto".
+                conf.write("user root\n")
+            if tls_files is not None:
+                ca_file, cert_file, key_file = tls_files
+                conf.write("cafile %s\ncertfile %s\nkeyfile %s\n" % (ca_file, cert_file, key_file))
+            if users:
+                password_file = os.path.join(self._dir, "passwords")
+                for number, (name, password) in enumerate(sorted(users.items())):
+                    subprocess.run([_mosquitto_passwd(), "-b"] + (["-c"] if number == 0 else [])
+                                   + [password_file, name, password], check=True)
+                conf.write("allow_anonymous false\npassword_file %s\n" % password_file)
+            else:
+                conf.write("allow_anonymous true\n")
             conf.write("persistence %s\n" % ("true" if persistence else "false"))
             if persistence:
                 conf.write("persistence_location %s/\n" % self._dir)

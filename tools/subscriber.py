@@ -33,7 +33,8 @@ class Message:
 class Collector:
     """Subscribes to ``topic`` and keeps every message; ``on_message`` sees each as it comes."""
 
-    def __init__(self, host, port, topic="evse/#", qos=1, on_message=None, client_id=None):
+    def __init__(self, host, port, topic="evse/#", qos=1, on_message=None, client_id=None,
+                 tls_ca_file=None, username=None, password=None):
         self.messages = []
         self._cond = threading.Condition()
         self._on_message_cb = on_message
@@ -42,6 +43,10 @@ class Collector:
         self._subscribed = threading.Event()
         client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2,
                              client_id=client_id or "", protocol=paho.MQTTv311)
+        if tls_ca_file is not None:
+            client.tls_set(ca_certs=tls_ca_file)
+        if username is not None:
+            client.username_pw_set(username, password)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message

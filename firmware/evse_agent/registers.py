@@ -83,11 +83,22 @@ class ReadRequest:
 
 
 def _answered(answered, function, first, last):
-    """True when the meter answers every register in [first, last] for ``function``."""
-    for fn, lo, hi in answered:
-        if fn == function and lo <= first and last <= hi:
+    """True when the meter answers every register in [first, last] for ``function``.
+
+    Ranges that touch or overlap count as one: the span may run across several of them.
+    """
+    spans = sorted((lo, hi) for fn, lo, hi in answered if fn == function)
+    covered_to = first - 1  # every register up to here is answered
+    for lo, hi in spans:
+        if lo > covered_to + 1:
+            if lo > first:
+                break
+            continue
+        if hi > covered_to:
+            covered_to = hi
+        if covered_to >= last:
             return True
-    return False
+    return covered_to >= last
 
 
 def plan_requests(registers, max_registers, answered=()):

@@ -1,0 +1,87 @@
+"""The board file's TLS and login settings work against a real mosquitto that requires them."""
+
+import datetime
+import ipaddress
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from evse_tools.broker import Mosquitto
+from evse_tools.subscriber import Collector
+
+
+def _write_pem(path, data):
+    path.write_bytes(data)
+    return str(path)
+
+
+def _certificates(directory):
+    """A throwaway CA and a server certificate for 127.0.0.1, as PEM files."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "evse-agent test CA")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=1))
+               .not_valid_after(now + datetime.timedelta(days=2))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca = _write_pem(directory / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM))
+    server_cert = _write_pem(directory / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
+    server_key = _write_pem(directory / "server.key", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return ca, server_cert, server_key
+
+
+@pytest.fixture
+def secure_broker(tmp_path):
+    files = _certificates(tmp_path)
+    with Mosquitto(tls_files=files, users={"station-7": "s3cret", "reader": "r3ad"}) as mosquitto:
+        mosquitto.ca_file = files[0]
+        yield mosquitto
+
+
+def _tls_args(broker, user, password):
+    return ("--quiet", "--set", "mqtt.tls.enabled=true", "--set", "mqtt.tls.ca_file=" + broker.ca_file,
+            "--set", "mqtt.username=" + user, "--set", "mqtt.password=" + password)
+
+
+def test_agent_publishes_over_tls_with_a_login(secure_broker, meter_sim, agent_process):
+    """TLS verified against the board's CA file, plus username/password: telemetry arrives."""
+    sim = meter_sim("sdm630", profile="steady")
+    agent = agent_process(secure_broker, sim.device, *_tls_args(secure_broker, "station-7", "s3cret"))
+    reader = Collector(secure_broker.host, secure_broker.port, "evse/#",
+                       tls_ca_file=secure_broker.ca_file, username="reader", password="r3ad")
+    try:
+        assert reader.wait_for(lambda m: m.topic.endswith("/telemetry")), agent.log()
+        assert "MQTT connected" in agent.log()
+    finally:
+        reader.close()
+
+
+def test_wrong_password_is_reported_and_the_agent_keeps_polling(secure_broker, meter_sim, agent_process):
+    """A refused login is logged clearly; the agent stays up, polling the meter."""
+    sim = meter_sim("sdm630", profile="steady")
+    agent = agent_process(secure_broker, sim.device, *_tls_args(secure_broker, "station-7", "wrong"))
+    deadline = time.monotonic() + 10
+    while "refused" not in agent.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "refused connection" in agent.log()
+    requests = sim.requests_seen
+    time.sleep(1.5)
+    assert agent.alive()
+    assert sim.requests_seen > requests
