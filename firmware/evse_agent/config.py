@@ -48,6 +48,18 @@ def _topic_level(value):
     return None
 
 
+def _gpio_lines(count):
+    """Check for a list of ``count`` GPIO line offsets."""
+    def check(value):
+        if len(value) != count:
+            return "has %d entries; expected %d line offsets" % (len(value), count)
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+                return "contains %s; line offsets are integers >= 0" % json.dumps(item)
+        return None
+    return check
+
+
 _BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 
 SCHEMA = {
@@ -65,6 +77,66 @@ SCHEMA = {
         "poll_interval_s": Field(float, 1.0, minimum=0.1, maximum=3600),
         "offline_after": Field(int, 3, minimum=1, maximum=100,
                                help="failed cycles in a row before the meter is reported offline"),
+    },
+    "io": {
+        "driver": Field(str, "sim", choices=("sim", "gpiod"),
+                        help="sim: pin bank file written by tools/vehicle_sim; gpiod: Linux GPIO"),
+        "sim_file": Field(str, "run/pins.json", help="pin bank file of the sim driver"),
+        "chip": Field(str, "/dev/gpiochip0", help="GPIO chip of the gpiod driver"),
+        "pilot": {
+            "source": Field(str, "adc", choices=("adc", "lines"),
+                            help="adc: pilot voltage; lines: comparator outputs of a pilot decoder"),
+            "adc_path": Field(str, None, nullable=True,
+                              help="IIO raw value file of the pilot ADC (gpiod driver)"),
+            "adc_scale": Field(float, 1.0, help="pilot volts = raw * adc_scale + adc_offset"),
+            "adc_offset": Field(float, 0.0),
+            "lines": Field(list, None, nullable=True, check=_gpio_lines(5),
+                           help="comparator lines, high when the pilot is below "
+                                "10.5, 7.5, 4.5, 1.5 and -10.5 V"),
+            "pwm_line": Field(int, None, nullable=True, minimum=0,
+                              help="line carrying the pilot PWM, if the board can measure its duty"),
+            "sample_ms": Field(int, 20, minimum=5, maximum=1000),
+            "debounce_ms": Field(int, 100, minimum=0, maximum=5000,
+                                 help="a pilot state must hold this long to count"),
+        },
+        "contactor": {
+            "command_line": Field(int, None, nullable=True, minimum=0),
+            "feedback_line": Field(int, None, nullable=True, minimum=0),
+            "active_low": Field(bool, False),
+        },
+    },
+    "session": {
+        "begin_at": Field(str, "plugin", choices=("plugin", "charge"),
+                          help="take the begin reading at plug-in or at the first charge"),
+        "fiscal_interval_s": Field(float, 0.0, minimum=0, maximum=86400,
+                                   help="signed intermediate readings; 0 = off"),
+        "state_dir": Field(str, "run/state", help="durable state: open session, counters"),
+    },
+    "events": {
+        "voltage_min_v": Field(float, 207.0, help="supply voltage band (230 V -10 %)"),
+        "voltage_max_v": Field(float, 253.0, help="(230 V +10 %)"),
+        "phase_loss_v": Field(float, 100.0, help="a phase below this while others are up is lost"),
+        "power_drop_pct": Field(float, 50.0, minimum=1, maximum=100,
+                                help="drop of charging power within one poll"),
+        "fluctuation_pct": Field(float, 25.0, minimum=1, maximum=100,
+                                 help="power swing (max-min) over the fluctuation window"),
+        "fluctuation_window_s": Field(float, 10.0, minimum=1, maximum=600),
+        "overcurrent_pct": Field(float, 10.0, minimum=0, maximum=100,
+                                 help="tolerance above the advertised current"),
+        "overcurrent_grace_s": Field(float, 5.0, minimum=0, maximum=60,
+                                     help="time a vehicle has to follow a lower advertised current"),
+        "contactor_check_ms": Field(int, 500, minimum=50, maximum=10000,
+                                    help="feedback must follow the command within this time"),
+    },
+    "signing": {
+        "key_file": Field(str, "run/station-key.pem",
+                          help="station private key (created with mode 0600 on first start)"),
+        "gateway_vendor": Field(str, "evse-agent", help="OCMF GI"),
+        "gateway_serial": Field(str, None, nullable=True, help="OCMF GS; default: station_id"),
+    },
+    "clock": {
+        "sync": Field(str, "kernel", choices=("kernel", "always", "never"),
+                      help="how to know the clock is synchronised (OCMF time flag S or U)"),
     },
     "mqtt": {
         "host": Field(str, "127.0.0.1"),
@@ -91,7 +163,8 @@ SCHEMA = {
 
 
 def _kind_name(kind):
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            list: "a list"}[kind]
 
 
 def _check_value(path, field, value):
@@ -106,6 +179,8 @@ def _check_value(path, field, value):
         raise ConfigError("%s: %s is not %s" % (path, json.dumps(value), _kind_name(kind)))
     if not isinstance(value, kind):
         raise ConfigError("%s: %s is not %s" % (path, json.dumps(value), _kind_name(kind)))
+    if kind is float and (value != value or value in (_INF, -_INF)):
+        raise ConfigError("%s: %s is not a finite number" % (path, value))
     if field.choices is not None and value not in field.choices:
         raise ConfigError("%s: %s is not one of %s"
                           % (path, json.dumps(value), ", ".join(json.dumps(c) for c in field.choices)))
@@ -120,14 +195,43 @@ def _check_value(path, field, value):
     return value
 
 
+_INF = float("inf")
+
+
+def _edit_distance(a, b):
+    """Levenshtein distance between two short strings."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a):
+        current = [i + 1]
+        for j, cb in enumerate(b):
+            current.append(min(previous[j + 1] + 1, current[j] + 1, previous[j] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def _common_prefix(a, b):
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _closest(name, known):
-    """A known key that looks like a typo of ``name``, or None."""
+    """The known key most like ``name`` (a likely typo), or None if none is close."""
     best = None
+    best_rank = None
     for key in known:
-        if key.startswith(name[:3]) or name.startswith(key[:3]) or name in key or key in name:
-            best = key
-            break
-    return best
+        distance = _edit_distance(name, key)
+        if key.startswith(name) or name.startswith(key):
+            distance = min(distance, abs(len(key) - len(name)))
+        rank = (distance, -_common_prefix(name, key))
+        if best_rank is None or rank < best_rank:
+            best, best_rank = key, rank
+    if best is None:
+        return None
+    if best_rank[0] <= max(2, len(name) // 3) or -best_rank[1] >= 3:
+        return best
+    return None
 
 
 def _validate_section(path, schema, doc):
@@ -213,6 +317,10 @@ def apply_override(doc, assignment):
         value = text
     node = doc
     parts = path.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError("%s: is %s in the board file, expected an object"
+                              % (".".join(parts[:depth + 1]), json.dumps(child)))
+        node = child
     node[parts[-1]] = value
