@@ -96,13 +96,29 @@ class AgentProcess:
 
 
 @pytest.fixture
-def agent_process():
-    """Factory: ``agent_process(broker, device, "--set", "x=y", board=SIM_BOARD)``."""
+def station_dir(tmp_path):
+    """A private directory for one test's station: state, key and the sim pin file."""
+    return tmp_path / "station"
+
+
+def station_args(station_dir):
+    """Board overrides that keep a test's durable state out of the shared run/ directory."""
+    return ["--set", "session.state_dir=%s" % (station_dir / "state"),
+            "--set", "signing.key_file=%s" % (station_dir / "station-key.pem"),
+            "--set", "io.sim_file=%s" % (station_dir / "pins.json")]
+
+
+@pytest.fixture
+def agent_process(station_dir):
+    """Factory: ``agent_process(broker, device, "--set", "x=y", board=SIM_BOARD)``.
+
+    The agent's state directory, key file and pin file live in ``station_dir``.
+    """
     running = []
 
     def start(broker, device, *extra, board=SIM_BOARD):
         args = ["--board", board, "--set", "meter.port=" + device,
-                "--set", "mqtt.port=%d" % broker.port] + list(extra)
+                "--set", "mqtt.port=%d" % broker.port] + station_args(station_dir) + list(extra)
         agent = AgentProcess(args)
         running.append(agent)
         return agent

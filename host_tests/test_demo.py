@@ -1,4 +1,4 @@
-"""`make demo`'s main job runs start to finish and shows the broker's messages."""
+"""`make demo`'s main job runs start to finish: a charging session, a meter fault, signed readings."""
 
 import subprocess
 import sys
@@ -15,4 +15,5 @@ def test_demo_runs_the_scenario_and_reports_a_clean_finish():
     assert "evse/sim-001/telemetry" in out  # what the subscriber received
     assert "meter OFFLINE" in out and out.count("meter online") >= 2  # fault shown and recovered
     assert "gaps: none" in out
+    assert "END sim-001-" in out and "OCMF documents verify" in out
     assert out.rstrip().endswith("demo finished")

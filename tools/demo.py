@@ -1,16 +1,19 @@
 """``make demo``: the agent's main job on the simulator board, with a broker you can watch.
 
 Starts a private mosquitto on a free loopback port, the SDM630 simulator on a pty
-(linked at ``run/meter.pty``, where ``boards/sim.json`` looks for it), a subscriber that
-prints what the broker delivers, and ``evse-agent --board boards/sim.json``. The
-simulated car idles, ramps up to 16 A per phase and steps its load; halfway through,
-the meter stops answering for a few seconds so you can watch the agent report it and
-recover. At the end the agent shuts down cleanly and the broker says ``offline``.
+(linked at ``run/meter.pty``, where ``boards/sim.json`` looks for it), the vehicle
+simulator on the sim pin file, a subscriber that prints what the broker delivers, and
+``evse-agent --board boards/sim.json``. A car plugs in, charges at 16 A per phase, the
+meter stops answering for a few seconds (watch the agent report it and recover), the car
+finishes and is unplugged. The session record's OCMF documents are verified with the
+station's public key. At the end the agent shuts down cleanly and the broker says
+``offline``.
 """
 
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,11 +21,14 @@ import time
 
 from .broker import Mosquitto
 from .meter_sim import MeterSimulator
+from .ocmf_verify import Document, Invalid, load_public_key
 from .subscriber import Collector
+from .vehicle_sim import VehicleSim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOARD = os.path.join(ROOT, "boards", "sim.json")
 LINK = os.path.join(ROOT, "run", "meter.pty")
+STATION_DIR = os.path.join(ROOT, "run", "demo")  # state, key and pin file of the demo station
 
 _print_lock = threading.Lock()
 
@@ -42,6 +48,19 @@ def describe(message):
     if kind == "telemetry":
         return "%s  seq %d  %.0f W  %d Wh" % (message.topic, body["seq"], body["power_total_w"] or 0,
                                                body["energy_wh"] or 0)
+    if kind == "session":
+        energy = "" if body["energy_wh"] is None else "  %d Wh" % body["energy_wh"]
+        begin = "" if not body["begin"] else "  begin register %d Wh" % body["begin"]["energy_wh"]
+        return "%s  seq %d  %s %s%s%s  %s" % (message.topic, body["seq"], body["event"].upper(),
+                                            body["session_id"], begin if body["event"] == "begin" else "",
+                                            energy, ("flags %s" % body["flags"]) if body["flags"] else "")
+    if kind == "state":
+        return "%s  seq %d  pilot %s  %s A  contactor %s  session %s" % (
+            message.topic, body["seq"], body["pilot"], body["advertised_a"],
+            "closed" if body["contactor_feedback"] else "open", body["session_id"] or "-")
+    if kind == "event":
+        return "%s  seq %d  %s %s %s" % (message.topic, body["seq"], body["severity"].upper(), body["type"],
+                                         body["state"])
     if kind == "meter":
         state = "online" if body["online"] else "OFFLINE"
         error = "" if body["online"] or not body["last_error"] else "  last error: %s" % body["last_error"]
@@ -54,42 +73,58 @@ def _pump(stream, prefix):
         say(prefix, line.rstrip("\n"))
 
 
+def _agent_command(broker):
+    return [sys.executable, "-m", "evse_agent.ports.cpython.main", "--board", BOARD,
+            "--set", "mqtt.port=%d" % broker.port,
+            "--set", "session.state_dir=%s" % os.path.join(STATION_DIR, "state"),
+            "--set", "signing.key_file=%s" % os.path.join(STATION_DIR, "station-key.pem"),
+            "--set", "io.sim_file=%s" % os.path.join(STATION_DIR, "pins.json")]
+
+
+def _script(seconds):
+    """(time, label, action) steps of the scenario, scaled to ``seconds``."""
+    at = lambda fraction: seconds * fraction  # noqa: E731 - a tiny local scale
+    return [
+        (at(0.10), "the car is plugged in", lambda sim, car: car.plug()),
+        (at(0.18), "the car asks for charge; the EVSE closes the contactor", lambda sim, car: car.charge()),
+        (at(0.40), "the meter stops answering (simulated wiring fault)", lambda sim, car: sim.set_fault("silent")),
+        (at(0.40) + max(4.0, seconds * 0.15), "the meter answers again", lambda sim, car: sim.set_fault(None)),
+        (at(0.78), "the car is full and stops charging", lambda sim, car: car.pause()),
+        (at(0.86), "the car is unplugged", lambda sim, car: car.unplug()),
+    ]
+
+
 def run(seconds):
-    os.makedirs(os.path.dirname(LINK), exist_ok=True)
+    shutil.rmtree(STATION_DIR, ignore_errors=True)
+    os.makedirs(STATION_DIR)
+    pin_file = os.path.join(STATION_DIR, "pins.json")
+    car = VehicleSim(pin_file, advertised_a=16.0)
     with Mosquitto() as broker:
         say("[demo]", "mosquitto listening on %s:%d" % (broker.host, broker.port))
-        sim = MeterSimulator("sdm630", profile="charging", link_path=LINK)
+        sim = MeterSimulator("sdm630", link_path=LINK, pin_file=pin_file)
         device = sim.start()
         say("[demo]", "meter simulator (Eastron SDM630, unit 1) on %s, linked at %s"
             % (device, os.path.relpath(LINK, ROOT)))
         collector = Collector(broker.host, broker.port, "evse/#",
                               on_message=lambda m: say("[mqtt]", describe(m)))
         say("[demo]", "subscribed to evse/# ; starting evse-agent --board boards/sim.json")
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "evse_agent.ports.cpython.main", "--board", BOARD,
-             "--set", "mqtt.port=%d" % broker.port],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        agent = subprocess.Popen(_agent_command(broker), cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
         pump = threading.Thread(target=_pump, args=(agent.stdout, "[agent]"), daemon=True)
         pump.start()
-        fault_at = seconds * 0.4
-        fault_for = max(4.0, min(6.0, seconds * 0.2))  # long enough to be declared offline
+        steps = _script(seconds)
         started = time.monotonic()
-        fault_on = fault_done = False
         try:
             while time.monotonic() - started < seconds:
                 if agent.poll() is not None:
                     say("[demo]", "evse-agent exited early with code %s" % agent.returncode)
                     return 1
                 elapsed = time.monotonic() - started
-                if not fault_on and elapsed >= fault_at:
-                    say("[demo]", ">>> the meter stops answering (simulated wiring fault)")
-                    sim.set_fault("silent")
-                    fault_on = True
-                elif fault_on and not fault_done and elapsed >= fault_at + fault_for:
-                    say("[demo]", ">>> the meter answers again")
-                    sim.set_fault(None)
-                    fault_done = True
-                time.sleep(0.1)
+                while steps and elapsed >= steps[0][0]:
+                    _, label, action = steps.pop(0)
+                    say("[demo]", ">>> " + label)
+                    action(sim, car)
+                time.sleep(0.05)
             say("[demo]", "stopping evse-agent (SIGTERM)")
             agent.terminate()
             code = agent.wait(15)
@@ -100,10 +135,24 @@ def run(seconds):
                 agent.kill()
             collector.close()
             sim.stop()
-        return _summary(collector, code)
+        key = subprocess.run(_agent_command(broker) + ["--public-key"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip()
+        return _summary(collector, code, key)
 
 
-def _summary(collector, agent_code):
+def _verify_session(end, key_hex):
+    """Verify every OCMF document of the session record with the station's public key."""
+    key = load_public_key(key_hex)
+    for text in end["ocmf_documents"]:
+        try:
+            Document(text).verify(key)
+        except Invalid as error:
+            say("[demo]", "OCMF document does NOT verify: %s" % error)
+            return False
+    return True
+
+
+def _summary(collector, agent_code, key_hex):
     telemetry = [m.body for m in collector.on("telemetry")]
     seqs = sorted(m.body["seq"] for m in collector.messages if m.body and "seq" in m.body)
     gaps = [b for a, b in zip(seqs, seqs[1:]) if b != a + 1]
@@ -118,7 +167,21 @@ def _summary(collector, agent_code):
         say("[demo]", "energy imported during the demo: %d Wh (register %d -> %d Wh)"
             % (telemetry[-1]["energy_wh"] - telemetry[0]["energy_wh"], telemetry[0]["energy_wh"],
                telemetry[-1]["energy_wh"]))
-    ok = agent_code == 0 and telemetry and statuses and statuses[-1] == "offline" and not gaps
+    ends = [m.body for m in collector.on("session") if m.body["event"] == "end"]
+    verified = False
+    if ends:
+        end = ends[-1]
+        say("[demo]", "session %s: %d Wh billed (register %d -> %d Wh), plugged %.1f s, charging %.1f s, "
+            "max %.0f W, flags %s" % (end["session_id"], end["energy_wh"], end["begin"]["energy_wh"],
+                                      end["end"]["energy_wh"], end["plugged_s"], end["charging_s"],
+                                      end["max_power_w"] or 0, end["flags"] or "none"))
+        verified = _verify_session(end, key_hex)
+        say("[demo]", "%d OCMF documents %s with the station's public key %s..."
+            % (len(end["ocmf_documents"]), "verify" if verified else "FAIL", key_hex[:24]))
+    else:
+        say("[demo]", "no session ended")
+    ok = (agent_code == 0 and telemetry and statuses and statuses[-1] == "offline" and not gaps
+          and verified)
     say("[demo]", "demo %s" % ("finished" if ok else "FAILED"))
     return 0 if ok else 1
 

@@ -18,6 +18,7 @@ Interactive commands on stdin: ``load <amps>``, ``fault <name>|off``, ``hold``, 
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 import os
@@ -64,6 +65,32 @@ class LoadProfile:
         return frames[-1][1]
 
 
+class PinFileLoad:
+    """Load that follows the vehicle simulator's pin file: the car's current flows only while
+    the contactor feedback is closed (physics: no closed contactor, no current)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._stamp = None
+        self._amps = 0.0
+        self._phases = 3
+
+    def amps_at(self, t):
+        try:
+            stat = os.stat(self.path)
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp != self._stamp:
+                with open(self.path) as handle:
+                    pins = json.load(handle)
+                closed = bool(pins.get("contactor_feedback"))
+                self._amps = float(pins.get("ev_current_a") or 0.0) if closed else 0.0
+                self._phases = int(pins.get("ev_phases") or 3)
+                self._stamp = stamp
+        except (OSError, ValueError, TypeError):
+            pass  # no vehicle simulator yet, or a file being replaced: keep the last load
+        return [self._amps if i < self._phases else 0.0 for i in range(3)]
+
+
 PROFILES = {
     # Idle, an EV's ramp to 16 A, a load step down to 10 A, back to 16 A, ramp down, repeat.
     "charging": LoadProfile([(0, 0.0), (3, 0.0), (7, 16.0), (20, 16.0), (21, 10.0), (30, 10.0),
@@ -84,6 +111,7 @@ class MeterPhysics:
         self.fixed_amps = None
         self.power_factor = 0.99
         self.noise = True
+        self.voltage_offset = [0.0, 0.0, 0.0]  # fault injection: sag, swell, lost phase
         self._random = random.Random(seed)
         self._t0 = time.monotonic()
         self._last = self._t0
@@ -103,12 +131,15 @@ class MeterPhysics:
         self._last = now
         t = now - self._t0
         amps = self.profile.amps_at(t) if self.fixed_amps is None else self.fixed_amps
+        if not isinstance(amps, list):
+            amps = [amps] * 3
         values = {}
         total = 0.0
         for i in range(self.phases):
             phase = "l%d" % (i + 1)
             volts = NOMINAL_VOLTAGE + 2.0 * math.sin(t / 20.0 + i) + self._jitter(0.3)
-            current = max(0.0, amps + self._jitter(0.05)) if amps > 0 else 0.0
+            volts = max(0.0, volts + self.voltage_offset[i])
+            current = max(0.0, amps[i] + self._jitter(0.05)) if amps[i] > 0 else 0.0
             power = volts * current * self.power_factor
             values["voltage_" + phase] = volts
             values["current_" + phase] = current
@@ -159,10 +190,11 @@ class MeterSimulator:
     """
 
     def __init__(self, model_name="sdm630", unit_id=1, profile="charging", baudrate=None,
-                 link_path=None, serial=12345678, energy_wh=1234567, seed=7):
+                 link_path=None, serial=12345678, energy_wh=1234567, seed=7, pin_file=None):
         self.model = model_named(model_name)
         self.unit_id = unit_id
-        self.physics = MeterPhysics(self.model.phases, PROFILES[profile], serial, energy_wh, seed)
+        load = PinFileLoad(pin_file) if pin_file else PROFILES[profile]
+        self.physics = MeterPhysics(self.model.phases, load, serial, energy_wh, seed)
         self.baudrate = baudrate
         self.link_path = link_path
         self.fault = None
@@ -192,6 +224,18 @@ class MeterSimulator:
     def set_load(self, amps):
         with self._lock:
             self.physics.set_load(amps)
+
+    def replace_meter(self, serial, energy_wh):
+        """Swap in another meter: new serial number and register value (a technician's job)."""
+        with self._lock:
+            self.physics.serial = serial
+            self.physics.energy_uwh = energy_wh * 1000000
+            self.physics.update()
+
+    def set_voltage_offset(self, phase, volts):
+        """Shift one phase's voltage (phase 1..3): a sag, a swell, or -230 for a lost phase."""
+        with self._lock:
+            self.physics.voltage_offset[phase - 1] = volts
 
     def snapshot(self):
         """The values currently served: dict of field name to value, plus ``energy_wh``."""
@@ -367,6 +411,8 @@ def main(argv=None):
     parser.add_argument("--model", default="sdm630", help="meter map: sdm630, sdm120, abb_b23")
     parser.add_argument("--unit", type=int, default=1, help="Modbus unit id")
     parser.add_argument("--profile", default="charging", choices=sorted(PROFILES))
+    parser.add_argument("--pin-file", default=None,
+                        help="follow the vehicle simulator's pin file instead of a profile")
     parser.add_argument("--baudrate", type=int, default=None,
                         help="pace bytes at this baud rate (default: as fast as the pty)")
     parser.add_argument("--link", default=None, help="also make this symlink to the device")
@@ -376,7 +422,7 @@ def main(argv=None):
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     try:
         sim = MeterSimulator(args.model, args.unit, args.profile, args.baudrate, args.link,
-                             energy_wh=args.energy_wh)
+                             energy_wh=args.energy_wh, pin_file=args.pin_file)
     except ValueError as error:
         parser.error(str(error))
     sim.set_fault(args.fault)

@@ -1,24 +1,49 @@
-"""The agent's main job: poll the meter on schedule and publish what it reads.
+"""The agent's main job: poll the meter, follow the charge point's inputs, publish.
 
-One asyncio task per concern (STYLE: micropython-async): the poll loop owns the meter
-schedule; publishing goes through the outbox. ``on_reading`` lets the port show live
-readings (the CPython console prints one line per poll).
+One asyncio task per concern (STYLE: micropython-async):
+
+- the poll loop owns the meter schedule and can be woken early when a session needs a
+  fresh reading (plug-in, unplug);
+- the input monitor samples pilot and contactor lines and reports debounced changes;
+- the supervisor runs the time-based safety checks a few times per second.
+
+Everything leaves through the outbox. ``on_reading`` lets the port show live readings.
 """
 
 import asyncio
 
 from . import log
-from .messages import Topics, meter_status_doc, telemetry_doc
+from .messages import Topics, iso_utc, meter_status_doc, telemetry_doc
+
+SUPERVISOR_MS = 100
+
+
+def event_doc(event):
+    """The event message body: type, severity, times, values, session."""
+    return {
+        "event_number": event.number,
+        "type": event.type,
+        "severity": event.severity,
+        "state": "active" if event.end is None else "cleared",
+        "start": iso_utc(event.start),
+        "end": None if event.end is None else iso_utc(event.end),
+        "values": event.values,
+        "session_id": event.session_id,
+    }
 
 
 class Agent:
-    """Ties a meter, an outbox and a clock together according to the board config."""
+    """Ties meter, inputs, session engine, power monitor and outbox together."""
 
-    def __init__(self, config, meter, outbox, clock, on_reading=None):
+    def __init__(self, config, meter, outbox, clock, inputs=None, engine=None, monitor=None,
+                 on_reading=None):
         self.config = config
         self.meter = meter
         self.outbox = outbox
         self.clock = clock
+        self.inputs = inputs
+        self.engine = engine
+        self.monitor = monitor
         self.on_reading = on_reading
         self.topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
         self.latest = None
@@ -27,13 +52,83 @@ class Agent:
         self._telemetry_ms = int(config["mqtt"]["telemetry_interval_s"] * 1000)
         self._status_ms = int(config["mqtt"]["status_interval_s"] * 1000)
         self._stopping = False
+        self._wake = asyncio.Event()
+
+    # -- wiring callbacks --------------------------------------------------------------
+
+    def publish(self, kind, doc):
+        """Session engine output: session records (QoS 1) and the retained state."""
+        if kind == "session":
+            self.outbox.post(self.topics.session, doc, qos=1)
+        elif kind == "state":
+            self.outbox.post(self.topics.state, doc, qos=1, retain=True)
+        else:
+            raise ValueError("unknown message kind %r" % (kind,))
+
+    def publish_event(self, event):
+        """Power monitor output: every raise and clear, QoS 1."""
+        if self.engine is not None:
+            self.engine.note_event(event)
+        level = log.warning if event.severity != "info" else log.info
+        level("event %s %s %s" % (event.type, "raised" if event.end is None else "cleared", event.values))
+        self.outbox.post(self.topics.event, event_doc(event), qos=1)
+
+    def request_reading(self):
+        """Wake the poll loop now: a session needs a fresh reading."""
+        self._wake.set()
+
+    def on_inputs(self, inputs, now_ms):
+        """Input monitor listener: debounced pilot / contactor change."""
+        if self.monitor is not None:
+            self.monitor.on_inputs(inputs, now_ms)
+        if self.engine is not None:
+            self.engine.on_inputs(inputs, now_ms)
 
     def stop(self):
         """Ask the loops to finish after the current cycle."""
         self._stopping = True
+        self._wake.set()
+        if self.inputs is not None:
+            self.inputs.stop()
+
+    # -- tasks -------------------------------------------------------------------------
 
     async def run(self, duration_s=None):
-        """Poll until ``stop()`` or until ``duration_s`` seconds have passed."""
+        """Run every task until ``stop()`` or until ``duration_s`` seconds have passed."""
+        tasks = [asyncio.create_task(self._poll_loop(duration_s))]
+        if self.inputs is not None:
+            tasks.append(asyncio.create_task(self.inputs.run()))
+        if self.monitor is not None:
+            tasks.append(asyncio.create_task(self._supervisor()))
+        try:
+            await tasks[0]
+        finally:
+            self.stop()
+            for task in tasks[1:]:
+                task.cancel()
+            for task in tasks[1:]:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        log.info("agent stopped after %d poll cycles" % self.cycles)
+
+    async def _supervisor(self):
+        while not self._stopping:
+            self.monitor.tick(self.clock.monotonic_ms())
+            await asyncio.sleep(SUPERVISOR_MS / 1000)
+
+    async def _sleep_until(self, due_ms):
+        """Sleep until ``due_ms`` or until woken by ``request_reading``."""
+        remaining = due_ms - self.clock.monotonic_ms()
+        if remaining <= 0:
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), remaining / 1000)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _poll_loop(self, duration_s):
         clock = self.clock
         started = clock.monotonic_ms()
         end_ms = None if duration_s is None else started + int(duration_s * 1000)
@@ -45,21 +140,31 @@ class Agent:
             now = clock.monotonic_ms()
             if end_ms is not None and now >= end_ms:
                 break
-            if now < next_poll:
-                await asyncio.sleep((next_poll - now) / 1000)
+            if now < next_poll and not self._wake.is_set():
+                await self._sleep_until(min(next_poll, end_ms) if end_ms is not None else next_poll)
                 continue
-            next_poll += self._poll_ms
-            if next_poll <= now:  # overran: skip the missed slots rather than bursting
-                next_poll = now + self._poll_ms
+            self._wake.clear()
+            if now >= next_poll:  # on schedule (an early wake-up keeps the schedule)
+                next_poll += self._poll_ms
+                if next_poll <= now:  # overran: skip the missed slots rather than bursting
+                    next_poll = now + self._poll_ms
             reading = await self.meter.read()
             self.cycles += 1
-            if self.meter.link.transitions != reported_transitions or now >= next_status:
-                reported_transitions = self.meter.link.transitions
+            link = self.meter.link
+            if link.transitions != reported_transitions or now >= next_status:
+                if link.transitions != reported_transitions and reported_transitions >= 0:
+                    self._on_link_change(link)
+                reported_transitions = link.transitions
                 next_status = now + self._status_ms
                 self.publish_meter_status()
             if reading is None:
                 continue
             self.latest = reading
+            if self.engine is not None:
+                self.engine.on_reading(reading)
+            if self.monitor is not None:
+                advertised = self.engine.inputs.advertised_a if self.engine and self.engine.inputs else None
+                self.monitor.on_reading(reading, advertised)
             if self.on_reading is not None:
                 self.on_reading(reading)
             if now >= next_telemetry:
@@ -67,7 +172,12 @@ class Agent:
                 if next_telemetry <= now:
                     next_telemetry = now + self._telemetry_ms
                 self.outbox.post(self.topics.telemetry, telemetry_doc(reading))
-        log.info("agent stopped after %d poll cycles" % self.cycles)
+
+    def _on_link_change(self, link):
+        if self.monitor is not None:
+            self.monitor.on_meter_link(link.online, link.last_error)
+        if self.engine is not None and not link.online:
+            self.engine.on_meter_offline()
 
     def publish_meter_status(self):
         self.outbox.post(self.topics.meter, meter_status_doc(self.meter, self.clock), qos=1, retain=True)

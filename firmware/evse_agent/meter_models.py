@@ -25,11 +25,14 @@ MEASUREMENT_FIELDS = (
 class MeterModel:
     """A meter type: its registers and the request limits the maker documents."""
 
-    __slots__ = ("name", "description", "source", "phases", "max_registers", "answered",
-                 "registers", "by_name", "energy_register")
+    __slots__ = ("name", "vendor", "product", "description", "source", "phases", "max_registers",
+                 "answered", "registers", "by_name", "energy_register")
 
-    def __init__(self, name, description, source, phases, max_registers, answered, registers):
+    def __init__(self, name, vendor, product, description, source, phases, max_registers, answered,
+                 registers):
         self.name = name
+        self.vendor = vendor  # OCMF MV
+        self.product = product  # OCMF MM
         self.description = description
         self.source = source
         self.phases = phases
@@ -78,6 +81,8 @@ def _f(name, address, unit):
 # hole answers with zeros or an exception; some libraries read across holes in practice.)
 SDM630 = MeterModel(
     name="sdm630",
+    vendor="Eastron",
+    product="SDM630",
     description="Eastron SDM630 three-phase meter",
     source=("Eastron SDM630Modbus Smart Meter Modbus Protocol Implementation V1.8/V2.0, "
             "sec. 1.2 Input Registers (30001-30087, fn 04, float32 high word first, "
@@ -128,6 +133,8 @@ SDM630 = MeterModel(
 # SDM630's 40 is not assumed). The planned reads here are at most 10 registers anyway.
 SDM120 = MeterModel(
     name="sdm120",
+    vendor="Eastron",
+    product="SDM120",
     description="Eastron SDM120 single-phase meter",
     source=("Eastron SDM120Modbus Smart Meter Modbus Protocol Implementation V2.4/V2.5, "
             "input registers 30001/30007/30013/30071/30073 (fn 04, float32 high word first) "
@@ -184,6 +191,8 @@ def _h(name, address, dtype, unit="", exp10=0):
 # victronenergy/dbus-modbus-client abb.py.
 ABB_B23 = MeterModel(
     name="abb_b23",
+    vendor="ABB",
+    product="B23",
     description="ABB B23 three-phase meter",
     source=("ABB B23/B24 User Manual 2CMC485003M0201, ch. 9 Communication with Modbus: "
             "9.2 Reading and Writing to Registers (readable 0x1000-0x8EFF, 1-125 registers, "

@@ -13,14 +13,20 @@ import time
 from ... import __version__, log
 from ...agent import Agent
 from ...config import ConfigError, apply_override, validate
+from ...events import PowerMonitor
 from ...messages import Outbox, Topics, iso_utc
 from ...meter import ModbusMeter
 from ...meter_models import model_named
 from ...modbus_rtu import RtuMaster
+from ...pilot import InputMonitor
 from ...reading import summary_line
+from ...session import SessionEngine
+from ...store import StateStore
 from .clock import SystemClock
+from .fs import FileSystem
 from .mqtt import MqttPublisher
 from .serial_link import SerialStream
+from .signer import FileKeySigner
 
 
 def load_config(board_path, overrides):
@@ -52,17 +58,42 @@ def _print_reading(reading):
     sys.stdout.flush()
 
 
+def pin_bank(io_config):
+    """The board's pin bank: the simulator's pin file, or Linux GPIO through libgpiod."""
+    if io_config["driver"] == "sim":
+        from .sim_pins import SimPinBank
+        return SimPinBank(io_config)
+    from .gpio import GpiodPinBank
+    return GpiodPinBank(io_config)
+
+
 def build_agent(config, clock, quiet=False):
     """Wire the ports to the core; returns (agent, publisher, stream)."""
     meter_cfg = config["meter"]
+    model = model_named(meter_cfg["model"])
+    signer = FileKeySigner(config["signing"]["key_file"])
+    store = StateStore(FileSystem(config["session"]["state_dir"]))
     stream = SerialStream(meter_cfg["port"], meter_cfg["baudrate"], meter_cfg["parity"], meter_cfg["stopbits"])
     master = RtuMaster(stream, clock, meter_cfg["baudrate"], meter_cfg["timeout_ms"], meter_cfg["retries"])
-    meter = ModbusMeter(master, model_named(meter_cfg["model"]), meter_cfg["unit_id"], clock,
-                        meter_cfg["offline_after"])
+    meter = ModbusMeter(master, model, meter_cfg["unit_id"], clock, meter_cfg["offline_after"])
     topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
     publisher = MqttPublisher(config["mqtt"], topics.status)
     outbox = Outbox(publisher, config["station_id"])
     agent = Agent(config, meter, outbox, clock, on_reading=None if quiet else _print_reading)
+    identity = {
+        "gateway_vendor": config["signing"]["gateway_vendor"],
+        "gateway_serial": config["signing"]["gateway_serial"] or config["station_id"],
+        "gateway_version": __version__,
+        "meter_vendor": model.vendor,
+        "meter_model": model.product,
+    }
+    engine = SessionEngine(config, store, signer, clock, meter, agent.publish, agent.request_reading, identity)
+    monitor = PowerMonitor(config["events"], model.phases, clock, agent.publish_event,
+                           lambda: store.next_number("event"))
+    agent.engine = engine
+    agent.monitor = monitor
+    agent.inputs = InputMonitor(pin_bank(config["io"]), config["io"], clock, agent)
+    engine.restore()
     return agent, publisher, stream
 
 
@@ -81,6 +112,8 @@ def main(argv=None):
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--quiet", action="store_true", help="do not print live readings")
     parser.add_argument("--verbose", action="store_true", help="log debug lines (each failed poll)")
+    parser.add_argument("--public-key", action="store_true",
+                        help="print the station's OCMF public key (hex DER; created if missing) and exit")
     parser.add_argument("--version", action="version", version="evse-agent " + __version__)
     args = parser.parse_args(argv)
     log.set_sink(_stderr_sink, log.DEBUG if args.verbose else log.INFO)
@@ -89,10 +122,17 @@ def main(argv=None):
     except ConfigError as error:
         sys.stderr.write("evse-agent: refusing to start: %s\n" % error)
         return 2
-    clock = SystemClock()
+    if args.public_key:
+        try:
+            print(FileKeySigner(config["signing"]["key_file"]).public_key_hex())
+        except (OSError, ValueError) as error:
+            sys.stderr.write("evse-agent: %s\n" % error)
+            return 1
+        return 0
+    clock = SystemClock(config["clock"]["sync"])
     try:
         agent, publisher, stream = build_agent(config, clock, args.quiet)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         sys.stderr.write("evse-agent: refusing to start: %s\n" % error)
         return 1
     log.info("evse-agent %s station %s: meter %s unit %d on %s, broker %s:%d" % (

@@ -1,0 +1,244 @@
+"""Power and safety monitoring: turns readings and input changes into events.
+
+An event has a type, a severity, a start time, values, and — for conditions that last —
+an end time when it clears. ``PowerMonitor`` owns the conditions and their thresholds
+(board section ``events``); whoever receives its events (the agent) publishes them.
+
+Conditions watched:
+
+- ``voltage_out_of_band`` (per phase): supply voltage outside [voltage_min_v, voltage_max_v];
+- ``phase_loss``: a phase below phase_loss_v while another phase is up (three-phase meters);
+- ``power_drop``: charging power falls by more than power_drop_pct between two readings
+  while the vehicle still asks to charge (one-shot);
+- ``power_fluctuation``: (max - min) / max of charging power over fluctuation_window_s
+  above fluctuation_pct;
+- ``overcurrent``: a phase current above the advertised current + overcurrent_pct for
+  longer than overcurrent_grace_s (IEC 61851 gives the vehicle 5 s to follow a change);
+- ``contactor_welded``: feedback closed while the command is open, for contactor_check_ms;
+- ``contactor_failed_to_close``: command closed, no feedback within contactor_check_ms;
+- ``pilot_error`` (state E) and ``evse_unavailable`` (state F);
+- ``meter_offline``: the meter link is declared offline.
+"""
+
+INFO = "info"
+WARNING = "warning"
+CRITICAL = "critical"
+
+SEVERITY = {
+    "voltage_out_of_band": WARNING,
+    "phase_loss": CRITICAL,
+    "power_drop": WARNING,
+    "power_fluctuation": WARNING,
+    "overcurrent": CRITICAL,
+    "contactor_welded": CRITICAL,
+    "contactor_failed_to_close": CRITICAL,
+    "pilot_error": CRITICAL,
+    "evse_unavailable": WARNING,
+    "meter_offline": WARNING,
+}
+
+
+class Event:
+    """One occurrence of a condition. ``end`` is None while it is active."""
+
+    __slots__ = ("number", "type", "severity", "start", "end", "values", "key", "session_id")
+
+    def __init__(self, number, type_, start, values, key=None, session_id=None):
+        self.number = number
+        self.type = type_
+        self.severity = SEVERITY[type_]
+        self.start = start
+        self.end = None
+        self.values = values
+        self.key = key or type_
+        self.session_id = session_id
+
+    @property
+    def active(self):
+        return self.end is None
+
+
+class PowerMonitor:
+    """Watches readings and inputs; reports each event once when raised and once when cleared.
+
+    ``sink(event)`` is called for every raise and every clear. ``numbers()`` supplies event
+    numbers (unique per station, from the durable counters). Times are wall-clock epoch
+    seconds from ``clock.time()``; durations use ``clock.monotonic_ms()``.
+    """
+
+    def __init__(self, config, phases, clock, sink, numbers):
+        self.config = config
+        self.phases = phases
+        self.clock = clock
+        self.sink = sink
+        self.numbers = numbers
+        self.active = {}  # key -> Event
+        self.session_id = None
+        self._last_power = None
+        self._window = []  # (monotonic_ms, power_w) while charging
+        self._over_since_ms = None
+        self._welded_since_ms = None
+        self._close_commanded_ms = None
+        self._charging = False
+        self._inputs = None
+        self.recent = []  # the last events raised or cleared, newest last, for the console
+        self.recent_max = 50
+
+    # -- raising and clearing --------------------------------------------------------
+
+    def _raise(self, type_, values, key=None):
+        key = key or type_
+        if key in self.active:
+            self.active[key].values = values
+            return None
+        event = Event(self.numbers(), type_, self.clock.time(), values, key, self.session_id)
+        self.active[key] = event
+        self._report(event)
+        return event
+
+    def _clear(self, key, values=None):
+        event = self.active.pop(key, None)
+        if event is None:
+            return
+        event.end = self.clock.time()
+        if values is not None:
+            event.values = values
+        self._report(event)
+
+    def _once(self, type_, values):
+        event = Event(self.numbers(), type_, self.clock.time(), values, None, self.session_id)
+        event.end = event.start
+        self._report(event)
+
+    def _report(self, event):
+        self.recent.append(event)
+        if len(self.recent) > self.recent_max:
+            del self.recent[0]
+        self.sink(event)
+
+    # -- inputs ----------------------------------------------------------------------
+
+    def on_inputs(self, inputs, now_ms):
+        """Pilot / contactor changes: E/F states and the start of contactor checks."""
+        previous = self._inputs
+        self._inputs = inputs
+        pilot = inputs.pilot
+        if pilot == "E":
+            self._raise("pilot_error", {"pilot": pilot})
+        else:
+            self._clear("pilot_error", {"pilot": pilot})
+        if pilot == "F":
+            self._raise("evse_unavailable", {"pilot": pilot})
+        else:
+            self._clear("evse_unavailable", {"pilot": pilot})
+        self._charging = pilot in ("C", "D") and inputs.contactor_command is not False
+        if not self._charging:
+            self._window = []
+            self._last_power = None
+            self._over_since_ms = None
+            self._clear("overcurrent")
+            self._clear("power_fluctuation")
+        command = inputs.contactor_command
+        if command and (previous is None or not previous.contactor_command):
+            self._close_commanded_ms = now_ms
+        if not command:
+            self._close_commanded_ms = None
+            self._clear("contactor_failed_to_close", {"command": command, "feedback": inputs.contactor_feedback})
+        self.tick(now_ms)
+
+    def tick(self, now_ms):
+        """Time-based checks of the contactor; call a few times per second."""
+        inputs = self._inputs
+        if inputs is None:
+            return
+        check_ms = self.config["contactor_check_ms"]
+        command = inputs.contactor_command
+        feedback = inputs.contactor_feedback
+        if command is None or feedback is None:
+            return  # the board has no such line: nothing to compare
+        if not command and feedback:
+            if self._welded_since_ms is None:
+                self._welded_since_ms = now_ms
+            elif now_ms - self._welded_since_ms >= check_ms:
+                self._raise("contactor_welded", {"command": False, "feedback": True})
+        else:
+            self._welded_since_ms = None
+            if not feedback:
+                self._clear("contactor_welded", {"command": command, "feedback": feedback})
+        if command and not feedback:
+            if self._close_commanded_ms is not None and now_ms - self._close_commanded_ms >= check_ms:
+                self._raise("contactor_failed_to_close", {"command": True, "feedback": False})
+        elif feedback:
+            self._clear("contactor_failed_to_close", {"command": command, "feedback": True})
+
+    def on_meter_link(self, online, last_error):
+        if online:
+            self._clear("meter_offline", {"online": True})
+        else:
+            self._raise("meter_offline", {"online": False, "last_error": last_error})
+
+    # -- readings --------------------------------------------------------------------
+
+    def on_reading(self, reading, advertised_a):
+        """Supply, power and current checks on one good reading."""
+        cfg = self.config
+        volts = reading.voltage
+        up = [v for v in volts if v is not None and v >= cfg["phase_loss_v"]]
+        for i, v in enumerate(volts):
+            if v is None:
+                continue
+            key = "voltage_out_of_band:L%d" % (i + 1)
+            if v >= cfg["phase_loss_v"] and (v < cfg["voltage_min_v"] or v > cfg["voltage_max_v"]):
+                self._raise("voltage_out_of_band", {"phase": i + 1, "voltage_v": round(v, 1),
+                                                    "min_v": cfg["voltage_min_v"], "max_v": cfg["voltage_max_v"]}, key)
+            else:
+                self._clear(key, {"phase": i + 1, "voltage_v": round(v, 1)})
+        if self.phases > 1:
+            lost = [i + 1 for i, v in enumerate(volts) if v is not None and v < cfg["phase_loss_v"]]
+            if lost and up:
+                self._raise("phase_loss", {"phases": lost, "voltage_v": [None if v is None else round(v, 1) for v in volts]})
+            elif not lost:
+                self._clear("phase_loss", {"voltage_v": [None if v is None else round(v, 1) for v in volts]})
+        if not self._charging or reading.power_total is None:
+            return
+        self._check_power(reading.power_total, reading.monotonic_ms)
+        self._check_current(reading.current, advertised_a, reading.monotonic_ms)
+
+    def _check_power(self, power, now_ms):
+        cfg = self.config
+        last = self._last_power
+        self._last_power = power
+        if last is not None and last > 0 and power < last * (1 - cfg["power_drop_pct"] / 100.0):
+            self._once("power_drop", {"from_w": round(last, 1), "to_w": round(power, 1)})
+        window = self._window
+        window.append((now_ms, power))
+        horizon = now_ms - int(cfg["fluctuation_window_s"] * 1000)
+        while window and window[0][0] < horizon:
+            del window[0]
+        if len(window) < 3:
+            return
+        high = max(p for _, p in window)
+        low = min(p for _, p in window)
+        swing_pct = 100.0 * (high - low) / high if high > 0 else 0.0
+        if swing_pct > cfg["fluctuation_pct"]:
+            self._raise("power_fluctuation", {"min_w": round(low, 1), "max_w": round(high, 1),
+                                              "swing_pct": round(swing_pct, 1)})
+        else:
+            self._clear("power_fluctuation", {"min_w": round(low, 1), "max_w": round(high, 1),
+                                              "swing_pct": round(swing_pct, 1)})
+
+    def _check_current(self, currents, advertised_a, now_ms):
+        cfg = self.config
+        if not advertised_a:
+            return
+        limit = advertised_a * (1 + cfg["overcurrent_pct"] / 100.0)
+        worst = max([c for c in currents if c is not None] or [0.0])
+        if worst > limit:
+            if self._over_since_ms is None:
+                self._over_since_ms = now_ms
+            if now_ms - self._over_since_ms >= cfg["overcurrent_grace_s"] * 1000:
+                self._raise("overcurrent", {"current_a": round(worst, 2), "advertised_a": advertised_a,
+                                            "limit_a": round(limit, 2)})
+        else:
+            self._over_since_ms = None
+            self._clear("overcurrent", {"current_a": round(worst, 2), "advertised_a": advertised_a})
