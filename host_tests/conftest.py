@@ -105,7 +105,8 @@ def station_args(station_dir):
     """Board overrides that keep a test's durable state out of the shared run/ directory."""
     return ["--set", "session.state_dir=%s" % (station_dir / "state"),
             "--set", "signing.key_file=%s" % (station_dir / "station-key.pem"),
-            "--set", "io.sim_file=%s" % (station_dir / "pins.json")]
+            "--set", "io.sim_file=%s" % (station_dir / "pins.json"),
+            "--set", "journal.dir=%s" % (station_dir / "journal")]
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def test_status_and_telemetry_match_what_the_simulator_served(broker, collector,
     assert telemetry is not None, agent.log()
     body = telemetry.body
     assert body["station"] == "sim-001"
-    assert isinstance(body["seq"], int)
+    assert isinstance(body["journal_seq"], int) and "seq" not in body  # live, not journaled
     assert body["energy_wh"] == round(_f32(served["energy_wh"] / 1000) * 1000) == 4321987
     assert body["meter_serial"] == served["serial"]
     for i, phase in enumerate(("l1", "l2", "l3")):
@@ -54,14 +54,21 @@ def test_status_and_telemetry_match_what_the_simulator_served(broker, collector,
 
 
 def test_sequence_numbers_grow_by_one_and_energy_follows_power(broker, collector, meter_sim, agent_process):
-    """Every message carries seq (+1 each); the energy register grows consistently with power."""
+    """Journaled records carry seq (+1 each, no gaps); live messages carry the journal's
+    position; the energy register grows consistently with power."""
     sim = meter_sim("sdm630", profile="steady")
     agent = agent_process(broker, sim.device, "--quiet", "--set", "meter.poll_interval_s=0.2",
-                          "--set", "mqtt.telemetry_interval_s=0.2")
+                          "--set", "mqtt.telemetry_interval_s=0.2", "--set", "journal.aggregate_interval_s=0.5")
+    assert collector.wait_for(lambda m: len(collector.on("aggregate")) >= 6, timeout_s=20), agent.log()
     assert collector.wait_for(lambda m: len(collector.on("telemetry")) >= 15, timeout_s=20), agent.log()
     agent.stop()
-    seqs = [m.body["seq"] for m in collector.messages if m.body and "seq" in m.body]
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    journaled = sorted({m.body["seq"] for m in collector.messages if m.body and "seq" in m.body})
+    assert journaled == list(range(1, journaled[-1] + 1))
+    positions = [m.body["journal_seq"] for m in collector.on("telemetry")]
+    assert positions == sorted(positions) and positions[-1] <= journaled[-1]
+    aggregates = [m.body for m in collector.on("aggregate")]
+    assert all(a["samples"] >= 1 and a["power_total_w"]["min"] <= a["power_total_w"]["avg"]
+               <= a["power_total_w"]["max"] for a in aggregates)
     telemetry = [m.body for m in collector.on("telemetry")]
     energies = [t["energy_wh"] for t in telemetry]
     assert energies == sorted(energies)

@@ -50,7 +50,8 @@ def test_fault_is_reported_and_the_agent_recovers(broker, collector, meter_sim, 
     online = collector.wait_for(lambda m: _meter_status(m) and m.body["online"] and m.received > offline.received,
                                 timeout_s=15)
     assert online is not None, agent.log()
-    assert collector.wait_for(lambda m: m.topic.endswith("/telemetry") and m.received > online.received)
+    assert collector.wait_for(lambda m: m.topic.endswith("/telemetry") and m.received > online.received), \
+        agent.log() + str([(m.topic, m.received) for m in collector.messages][-12:]) + " online at %s" % online.received
     assert len(collector.on("telemetry")) > telemetry_during_fault
     assert agent.alive()
     assert agent.stop() == 0

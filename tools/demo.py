@@ -40,31 +40,38 @@ def say(prefix, text):
 
 
 def describe(message):
-    """One line per received MQTT message."""
+    """One line per received MQTT message: journaled records show their ``seq``."""
     body = message.body
     kind = message.topic.rsplit("/", 1)[-1]
+    if body is not None:
+        body = dict(body)
+        body.setdefault("seq", body.get("journal_seq"))
     if body is None:
         return "%s  %s%s" % (message.topic, message.text, "  (retained)" if message.retain else "")
     if kind == "telemetry":
-        return "%s  seq %d  %.0f W  %d Wh" % (message.topic, body["seq"], body["power_total_w"] or 0,
-                                               body["energy_wh"] or 0)
+        return "%s  %.0f W  %d Wh" % (message.topic, body["power_total_w"] or 0, body["energy_wh"] or 0)
+    if kind == "aggregate":
+        power = body.get("power_total_w") or {}
+        return "%s  #%d  %s..%s  P min/avg/max %s/%s/%s W" % (
+            message.topic, body["seq"], (body.get("start") or "")[11:19], (body.get("end") or "")[11:19],
+            power.get("min"), power.get("avg"), power.get("max"))
     if kind == "session":
         energy = "" if body["energy_wh"] is None else "  %d Wh" % body["energy_wh"]
         begin = "" if not body["begin"] else "  begin register %d Wh" % body["begin"]["energy_wh"]
-        return "%s  seq %d  %s %s%s%s  %s" % (message.topic, body["seq"], body["event"].upper(),
+        return "%s  #%d  %s %s%s%s  %s" % (message.topic, body["seq"], body["event"].upper(),
                                             body["session_id"], begin if body["event"] == "begin" else "",
                                             energy, ("flags %s" % body["flags"]) if body["flags"] else "")
     if kind == "state":
-        return "%s  seq %d  pilot %s  %s A  contactor %s  session %s" % (
-            message.topic, body["seq"], body["pilot"], body["advertised_a"],
+        return "%s  pilot %s  %s A  contactor %s  session %s" % (
+            message.topic, body["pilot"], body["advertised_a"],
             "closed" if body["contactor_feedback"] else "open", body["session_id"] or "-")
     if kind == "event":
-        return "%s  seq %d  %s %s %s" % (message.topic, body["seq"], body["severity"].upper(), body["type"],
+        return "%s  #%d  %s %s %s" % (message.topic, body["seq"], body["severity"].upper(), body["type"],
                                          body["state"])
     if kind == "meter":
         state = "online" if body["online"] else "OFFLINE"
         error = "" if body["online"] or not body["last_error"] else "  last error: %s" % body["last_error"]
-        return "%s  seq %d  meter %s (serial %s)%s" % (message.topic, body["seq"], state, body["serial"] or "-", error)
+        return "%s  meter %s (serial %s)%s" % (message.topic, state, body["serial"] or "-", error)
     return "%s  %s" % (message.topic, message.text[:100])
 
 
@@ -78,7 +85,8 @@ def _agent_command(broker):
             "--set", "mqtt.port=%d" % broker.port,
             "--set", "session.state_dir=%s" % os.path.join(STATION_DIR, "state"),
             "--set", "signing.key_file=%s" % os.path.join(STATION_DIR, "station-key.pem"),
-            "--set", "io.sim_file=%s" % os.path.join(STATION_DIR, "pins.json")]
+            "--set", "io.sim_file=%s" % os.path.join(STATION_DIR, "pins.json"),
+            "--set", "journal.dir=%s" % os.path.join(STATION_DIR, "journal")]
 
 
 def _script(seconds):
@@ -154,7 +162,7 @@ def _verify_session(end, key_hex):
 
 def _summary(collector, agent_code, key_hex):
     telemetry = [m.body for m in collector.on("telemetry")]
-    seqs = sorted(m.body["seq"] for m in collector.messages if m.body and "seq" in m.body)
+    seqs = sorted(set(m.body["seq"] for m in collector.messages if m.body and "seq" in m.body))
     gaps = [b for a, b in zip(seqs, seqs[1:]) if b != a + 1]
     statuses = [m.text for m in collector.on("status")]
     say("[demo]", "--- summary ---")
@@ -162,7 +170,7 @@ def _summary(collector, agent_code, key_hex):
         % (agent_code, len(collector.messages), len(telemetry), len(collector.on("meter")),
            " -> ".join(statuses)))
     if seqs:
-        say("[demo]", "sequence numbers %d..%d, gaps: %s" % (seqs[0], seqs[-1], gaps or "none"))
+        say("[demo]", "journaled records #%d..#%d received, gaps: %s" % (seqs[0], seqs[-1], gaps or "none"))
     if len(telemetry) >= 2:
         say("[demo]", "energy imported during the demo: %d Wh (register %d -> %d Wh)"
             % (telemetry[-1]["energy_wh"] - telemetry[0]["energy_wh"], telemetry[0]["energy_wh"],

@@ -5,14 +5,19 @@ One asyncio task per concern (STYLE: micropython-async):
 - the poll loop owns the meter schedule and can be woken early when a session needs a
   fresh reading (plug-in, unplug);
 - the input monitor samples pilot and contactor lines and reports debounced changes;
-- the supervisor runs the time-based safety checks a few times per second.
+- the supervisor runs the time-based safety checks a few times per second;
+- the forwarder replays the journal to the broker, paced by acknowledgements.
 
-Everything leaves through the outbox. ``on_reading`` lets the port show live readings.
+Everything leaves through the outbox: session records, events and telemetry aggregates
+are journaled first; live telemetry and state go out at once. ``on_reading`` lets the
+port show live readings.
 """
 
 import asyncio
 
 from . import log
+from .aggregate import Aggregator
+from .journal import AGGREGATE, EVENT, SESSION
 from .messages import Topics, iso_utc, meter_status_doc, telemetry_doc
 
 SUPERVISOR_MS = 100
@@ -36,7 +41,7 @@ class Agent:
     """Ties meter, inputs, session engine, power monitor and outbox together."""
 
     def __init__(self, config, meter, outbox, clock, inputs=None, engine=None, monitor=None,
-                 on_reading=None):
+                 forwarder=None, on_reading=None):
         self.config = config
         self.meter = meter
         self.outbox = outbox
@@ -44,7 +49,9 @@ class Agent:
         self.inputs = inputs
         self.engine = engine
         self.monitor = monitor
+        self.forwarder = forwarder
         self.on_reading = on_reading
+        self.aggregator = Aggregator(config["journal"]["aggregate_interval_s"], meter.model.phases)
         self.topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
         self.latest = None
         self.cycles = 0
@@ -59,7 +66,7 @@ class Agent:
     def publish(self, kind, doc):
         """Session engine output: session records (QoS 1) and the retained state."""
         if kind == "session":
-            self.outbox.post(self.topics.session, doc, qos=1)
+            self.outbox.record(SESSION, doc)
         elif kind == "state":
             self.outbox.post(self.topics.state, doc, qos=1, retain=True)
         else:
@@ -71,7 +78,12 @@ class Agent:
             self.engine.note_event(event)
         level = log.warning if event.severity != "info" else log.info
         level("event %s %s %s" % (event.type, "raised" if event.end is None else "cleared", event.values))
-        self.outbox.post(self.topics.event, event_doc(event), qos=1)
+        self.outbox.record(EVENT, event_doc(event))
+
+    def on_journal_alarm(self, name, active, values):
+        """Journal alarm (journal_full, disk_error): raised and cleared as events."""
+        if self.monitor is not None:
+            self.monitor.alarm(name, active, values)
 
     def request_reading(self):
         """Wake the poll loop now: a session needs a fresh reading."""
@@ -90,6 +102,8 @@ class Agent:
         self._wake.set()
         if self.inputs is not None:
             self.inputs.stop()
+        if self.forwarder is not None:
+            self.forwarder.stop()
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -100,6 +114,8 @@ class Agent:
             tasks.append(asyncio.create_task(self.inputs.run()))
         if self.monitor is not None:
             tasks.append(asyncio.create_task(self._supervisor()))
+        if self.forwarder is not None:
+            tasks.append(asyncio.create_task(self.forwarder.run()))
         try:
             await tasks[0]
         finally:
@@ -111,6 +127,9 @@ class Agent:
                     await task
                 except asyncio.CancelledError:
                     pass
+            last = self.aggregator.flush()
+            if last is not None:
+                self.outbox.record(AGGREGATE, last)
         log.info("agent stopped after %d poll cycles" % self.cycles)
 
     async def _supervisor(self):
@@ -165,6 +184,9 @@ class Agent:
             if self.monitor is not None:
                 advertised = self.engine.inputs.advertised_a if self.engine and self.engine.inputs else None
                 self.monitor.on_reading(reading, advertised)
+            finished = self.aggregator.add(reading)
+            if finished is not None:
+                self.outbox.record(AGGREGATE, finished)
             if self.on_reading is not None:
                 self.on_reading(reading)
             if now >= next_telemetry:

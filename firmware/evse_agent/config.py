@@ -128,6 +128,22 @@ SCHEMA = {
         "contactor_check_ms": Field(int, 500, minimum=50, maximum=10000,
                                     help="feedback must follow the command within this time"),
     },
+    "journal": {
+        "dir": Field(str, "run/journal", help="segment files of the store-and-forward journal"),
+        "max_bytes": Field(int, 16 * 1024 * 1024, minimum=64 * 1024, maximum=1 << 40,
+                           help="bound of the journal; aggregates are folded when it is near"),
+        "reserve_bytes": Field(int, 1024 * 1024, minimum=4096, maximum=1 << 36,
+                               help="part of max_bytes kept for session records and events"),
+        "segment_bytes": Field(int, 256 * 1024, minimum=1024, maximum=1 << 30),
+        "sync_interval_s": Field(float, 30.0, minimum=0.1, maximum=3600,
+                                 help="fsync of aggregates at least this often (sessions/events: at once)"),
+        "cursor_sync_s": Field(float, 5.0, minimum=0.1, maximum=3600,
+                               help="how often the acknowledged cursor is saved while it moves"),
+        "aggregate_interval_s": Field(float, 10.0, minimum=0.1, maximum=3600,
+                                      help="telemetry aggregate interval kept in the journal"),
+        "window": Field(int, 16, minimum=1, maximum=1000,
+                        help="journal records in flight (published, not yet acknowledged)"),
+    },
     "signing": {
         "key_file": Field(str, "run/station-key.pem",
                           help="station private key (created with mode 0600 on first start)"),
@@ -259,6 +275,10 @@ def _validate_section(path, schema, doc):
 def validate(doc):
     """A complete board configuration (defaults filled) from a parsed board document."""
     config = _validate_section("", SCHEMA, doc)
+    journal = config["journal"]
+    if journal["reserve_bytes"] >= journal["max_bytes"]:
+        raise ConfigError("journal.reserve_bytes: %d is not below journal.max_bytes %d"
+                          % (journal["reserve_bytes"], journal["max_bytes"]))
     mqtt = config["mqtt"]
     if mqtt["reconnect_min_s"] > mqtt["reconnect_max_s"]:
         raise ConfigError("mqtt.reconnect_min_s: %s is above mqtt.reconnect_max_s %s"

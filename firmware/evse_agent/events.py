@@ -17,7 +17,8 @@ Conditions watched:
 - ``contactor_welded``: feedback closed while the command is open, for contactor_check_ms;
 - ``contactor_failed_to_close``: command closed, no feedback within contactor_check_ms;
 - ``pilot_error`` (state E) and ``evse_unavailable`` (state F);
-- ``meter_offline``: the meter link is declared offline.
+- ``meter_offline``: the meter link is declared offline;
+- ``journal_full`` and ``disk_error``: alarms of the journal (``alarm``).
 """
 
 INFO = "info"
@@ -35,6 +36,8 @@ SEVERITY = {
     "pilot_error": CRITICAL,
     "evse_unavailable": WARNING,
     "meter_offline": WARNING,
+    "journal_full": CRITICAL,
+    "disk_error": CRITICAL,
 }
 
 
@@ -170,6 +173,13 @@ class PowerMonitor:
                 self._raise("contactor_failed_to_close", {"command": True, "feedback": False})
         elif feedback:
             self._clear("contactor_failed_to_close", {"command": command, "feedback": True})
+
+    def alarm(self, type_, active, values):
+        """An alarm of another part of the agent (the journal) starts or ends."""
+        if active:
+            self._raise(type_, values)
+        else:
+            self._clear(type_, values)
 
     def on_meter_link(self, online, last_error):
         if online:

@@ -1,9 +1,13 @@
-"""MQTT topics and message documents, and the outbox that numbers and sends them.
+"""MQTT topics and message documents, and the outbox every message leaves through.
 
-Every message the agent publishes is a JSON object carrying ``seq``, a number that grows
-by one per message, so consumers can drop QoS 1 redeliveries and notice gaps. The
-``Outbox`` owns that numbering and is the single path from the core to the publisher —
-the seam where the durable journal stores a message before it goes out.
+Two kinds of message leave the agent:
+
+- *journaled* records (session records, events, telemetry aggregates) are stored in the
+  journal first and carry ``seq``, the journal's sequence number: it grows by one per
+  record with no gaps, so consumers drop QoS 1 redeliveries and notice losses. The
+  forwarder publishes them in order (QoS 1) and replays them after an outage.
+- *live* messages (1 s telemetry, the retained state and meter status) go out at once and
+  carry ``journal_seq``, the last sequence number journaled when they were sent.
 """
 
 import json
@@ -12,12 +16,13 @@ import json
 class Topics:
     """Topic names of one station: ``<prefix>/<station_id>/<channel>``."""
 
-    __slots__ = ("base", "status", "telemetry", "meter", "event", "session", "state")
+    __slots__ = ("base", "status", "telemetry", "aggregate", "meter", "event", "session", "state")
 
     def __init__(self, prefix, station_id):
         self.base = prefix + "/" + station_id
         self.status = self.base + "/status"  # retained "online" / "offline" (last will)
-        self.telemetry = self.base + "/telemetry"
+        self.telemetry = self.base + "/telemetry"  # live, QoS 0
+        self.aggregate = self.base + "/aggregate"  # journaled interval aggregates
         self.meter = self.base + "/meter"  # retained meter link status
         self.event = self.base + "/event"
         self.session = self.base + "/session"
@@ -91,24 +96,36 @@ def meter_status_doc(meter, clock):
 
 
 class Outbox:
-    """Numbers each outgoing message and hands it to the publisher.
+    """The single path from the core to the broker: journaled records and live messages.
 
-    ``publisher`` offers ``publish(topic, payload, qos, retain)``. Sequence numbers start
-    at ``first_seq``; the durable journal takes over their persistence across restarts.
+    ``record(type, doc)`` stores a record in the journal (durable types are on disk when
+    it returns) and wakes the forwarder; ``post(topic, doc, ...)`` publishes a live
+    message at once through ``publisher.publish(topic, payload, qos, retain)``.
     """
 
-    def __init__(self, publisher, station_id, first_seq=1):
+    def __init__(self, publisher, station_id, journal, forwarder=None):
         self.publisher = publisher
         self.station_id = station_id
-        self.next_seq = first_seq
+        self.journal = journal
+        self.forwarder = forwarder
         self.posted = 0
 
+    def record(self, rtype, doc):
+        """Journal ``doc`` as a record of ``rtype``; returns its seq (None if refused)."""
+        doc["station"] = self.station_id
+
+        def stamped(seq):
+            doc["seq"] = seq
+            return json.dumps(doc).encode()
+
+        seq = self.journal.append(rtype, None, stamped)
+        if self.forwarder is not None:
+            self.forwarder.wake()
+        return seq
+
     def post(self, topic, doc, qos=0, retain=False):
-        """Stamp ``doc`` with station and seq, publish it, and return the seq used."""
-        seq = self.next_seq
-        self.next_seq = seq + 1
-        doc["seq"] = seq
+        """Publish a live message now, stamped with station and the journal's position."""
+        doc["journal_seq"] = self.journal.next_seq - 1
         doc["station"] = self.station_id
         self.publisher.publish(topic, json.dumps(doc), qos, retain)
         self.posted += 1
-        return seq

@@ -13,8 +13,8 @@ since, so the register still holds that value. Begin and end use such a reading 
 when there is one; otherwise the engine asks the meter for a fresh reading and takes the
 next good one (flagged ``begin_delayed`` / ``end_delayed`` if the meter was offline).
 
-If the register goes backwards, jumps by more than the measured power allows, or the
-meter's serial number changes (meter reset or replaced), the running segment is closed at
+If the register goes backwards, jumps by more than a charge point could draw in the time
+between two readings, or the meter's serial number changes (meter reset or replaced), the running segment is closed at
 the last good reading and a new one begins at the next: the session bills the sum of its
 segments and carries a flag, so it never bills a negative or implausible amount.
 """
@@ -24,13 +24,16 @@ from .messages import iso_utc
 from .ocmf import OcmfReading, build_payload, sign_document
 
 SESSION_KEYS_VERSION = 1
+MAX_AC_CURRENT_A = 80.0  # IEC 61851-1: the largest current a PWM duty can advertise
 
 
-def _reading_record(reading, flags=None):
-    """The part of a meter reading that billing keeps: time, register, serial."""
+def _reading_record(reading, synced, flags=None):
+    """The part of a meter reading that billing keeps: time (and whether the clock was
+    synchronised then), register, serial."""
     return {
         "time": reading.time,
         "ts": iso_utc(reading.time),
+        "synced": synced,
         "energy_wh": reading.energy_wh,
         "resolution_mwh": reading.energy_resolution_mwh,
         "serial": reading.serial,
@@ -120,6 +123,7 @@ class SessionEngine:
         self.clock = clock
         self.meter = meter
         self.phases = meter.model.phases
+        self.max_power_w = self.phases * MAX_AC_CURRENT_A * config["events"]["voltage_max_v"]
         self.publish = publish
         self.request_reading = request_reading
         self.identity = identity
@@ -159,11 +163,6 @@ class SessionEngine:
         """Debounced pilot / contactor change."""
         previous = self.inputs
         self.inputs = inputs
-        flowing_possible = self._current_can_flow(inputs)
-        if flowing_possible:
-            self._open_since_ms = None
-        elif self._open_since_ms is None:
-            self._open_since_ms = now_ms
         pilot = inputs.pilot
         session = self.session
         if session is None and pilot in ("B", "C", "D"):
@@ -174,6 +173,12 @@ class SessionEngine:
         if session is not None:
             session.advertised_a = inputs.advertised_a
             self._update_period(session, inputs, now_ms)
+        # Only now note whether current can flow from here on: a begin reading wanted at this
+        # very change (first charge) may still use a reading taken while nothing flowed.
+        if self._current_can_flow(inputs):
+            self._open_since_ms = None
+        elif self._open_since_ms is None:
+            self._open_since_ms = now_ms
         self._publish_state()
 
     def _current_can_flow(self, inputs):
@@ -240,8 +245,8 @@ class SessionEngine:
             self._finish(session)
             return
         self.ending.append(session)
-        self._want(session, "end")
         self._save(session)
+        self._want(session, "end")  # may finish the session at once (and clear its file)
 
     # -- readings --------------------------------------------------------------------
 
@@ -263,7 +268,7 @@ class SessionEngine:
         if session.pending is not None:
             self._resolve_pending(session, reading)
         elif session.segments:
-            session.last_reading = _reading_record(reading)
+            session.last_reading = _reading_record(reading, self.clock.synced())
 
     def on_meter_offline(self):
         """The meter link went down: a begin/end that waits for it will be flagged."""
@@ -296,7 +301,7 @@ class SessionEngine:
             self.request_reading()
             return
         session.pending = None
-        record = _reading_record(reading, [f for f in session.flags if f == which + "_delayed"])
+        record = _reading_record(reading, self.clock.synced(), [f for f in session.flags if f == which + "_delayed"])
         if which == "begin":
             self._begin_segment(session, reading, record, tx_status="G")
             self._save(session)
@@ -318,7 +323,7 @@ class SessionEngine:
 
     def _begin_segment(self, session, reading, record, tx_status):
         session.segments.append({"begin": record, "end": None, "serial": reading.serial})
-        session.last_reading = _reading_record(reading)
+        session.last_reading = record
         self._sign(session, [(record, "B", tx_status)], "T")
         log.info("session %s: begin reading %d Wh (%s)" % (session.id, reading.energy_wh, record["ts"]))
         self._publish_session(session, "begin")
@@ -335,9 +340,11 @@ class SessionEngine:
         elif reading.energy_wh < last["energy_wh"]:
             problem = "register_backwards"
         else:
+            # More than the most an AC charge point can draw (80 A per phase at the top of the
+            # voltage band) over the time between the readings cannot have been charged —
+            # also across an agent restart, when nothing was watching in between.
             dt_h = max(0.0, reading.time - last["time"]) / 3600.0
-            power = max(abs(reading.power_total or 0.0), abs(session.max_power_w or 0.0))
-            allowed = (power * 1.5 + 1000.0) * dt_h + 10 + (reading.energy_resolution_mwh or 0) / 1000.0
+            allowed = self.max_power_w * dt_h + 10 + (reading.energy_resolution_mwh or 0) / 1000.0
             if reading.energy_wh - last["energy_wh"] > allowed:
                 problem = "register_jump"
         if problem is None:
@@ -348,7 +355,7 @@ class SessionEngine:
         segment["end"] = last
         segment["end_reason"] = problem
         self._sign(session, [(segment["begin"], "B", "G"), (last, "X", "G")], "T")
-        record = _reading_record(reading, [problem])
+        record = _reading_record(reading, self.clock.synced(), [problem])
         self._begin_segment(session, reading, record, tx_status="X" if problem == "meter_replaced" else "G")
         self._save(session)
 
@@ -364,9 +371,9 @@ class SessionEngine:
     def _sign(self, session, entries, kind):
         """Sign readings ``[(record, tx, status)]`` as one OCMF document of the session."""
         page = self.store.next_number("transaction_page" if kind == "T" else "fiscal_page")
-        # The time-sync flag (S/U) in TM says whether the clock was synchronised.
-        synced = self.clock.synced()
-        readings = [OcmfReading(record["time"], synced, tx, record["energy_wh"], status)
+        # The time-sync flag (S/U) in TM says whether the clock was synchronised when the
+        # reading was taken; it travels with the reading into every document that repeats it.
+        readings = [OcmfReading(record["time"], record.get("synced", False), tx, record["energy_wh"], status)
                     for record, tx, status in entries]
         ident = self.identity
         serial = entries[-1][0]["serial"]
@@ -379,7 +386,7 @@ class SessionEngine:
         return document
 
     def _sign_fiscal(self, session, reading):
-        record = _reading_record(reading)
+        record = _reading_record(reading, self.clock.synced())
         self._sign(session, [(record, None, "G")], "F")  # fiscal readings carry no TX
         self._save(session)
 

@@ -1,4 +1,8 @@
-"""The agent's state directory on a Linux file system, with crash-safe replacement."""
+"""A directory of the agent's on a Linux file system: state files and journal segments.
+
+The core's file system object: whole-file reads, crash-safe replacement, appends with
+fsync, truncation — all relative to one root directory.
+"""
 
 import os
 
@@ -33,6 +37,38 @@ class FileSystem:
             os.close(fd)
         os.replace(temp, target)
         self._sync_dir()
+
+    def listdir(self):
+        return os.listdir(self.root)
+
+    def size(self, name):
+        return os.path.getsize(self.path(name))
+
+    def open_append(self, name):
+        return open(self.path(name), "ab")
+
+    def open_read(self, name):
+        return open(self.path(name), "rb")
+
+    def sync_file(self, handle):
+        handle.flush()
+        os.fsync(handle.fileno())
+
+    def truncate(self, name, size):
+        with open(self.path(name), "r+b") as handle:
+            handle.truncate(size)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def rename(self, old, new):
+        os.replace(self.path(old), self.path(new))
+
+    def sync_dir(self):
+        self._sync_dir()
+
+    def free_bytes(self):
+        stat = os.statvfs(self.root)
+        return stat.f_bavail * stat.f_frsize
 
     def remove(self, name):
         try:

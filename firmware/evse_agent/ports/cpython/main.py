@@ -14,6 +14,8 @@ from ... import __version__, log
 from ...agent import Agent
 from ...config import ConfigError, apply_override, validate
 from ...events import PowerMonitor
+from ...forwarder import Forwarder
+from ...journal import Journal
 from ...messages import Outbox, Topics, iso_utc
 from ...meter import ModbusMeter
 from ...meter_models import model_named
@@ -78,8 +80,14 @@ def build_agent(config, clock, quiet=False):
     meter = ModbusMeter(master, model, meter_cfg["unit_id"], clock, meter_cfg["offline_after"])
     topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
     publisher = MqttPublisher(config["mqtt"], topics.status)
-    outbox = Outbox(publisher, config["station_id"])
-    agent = Agent(config, meter, outbox, clock, on_reading=None if quiet else _print_reading)
+    journal_cfg = config["journal"]
+    journal = Journal(FileSystem(journal_cfg["dir"]), journal_cfg, clock)
+    journal.recover()
+    forwarder = Forwarder(journal, publisher, topics, clock, journal_cfg["window"])
+    outbox = Outbox(publisher, config["station_id"], journal, forwarder)
+    agent = Agent(config, meter, outbox, clock, forwarder=forwarder,
+                  on_reading=None if quiet else _print_reading)
+    journal.alarm = agent.on_journal_alarm
     identity = {
         "gateway_vendor": config["signing"]["gateway_vendor"],
         "gateway_serial": config["signing"]["gateway_serial"] or config["station_id"],
@@ -94,14 +102,19 @@ def build_agent(config, clock, quiet=False):
     agent.monitor = monitor
     agent.inputs = InputMonitor(pin_bank(config["io"]), config["io"], clock, agent)
     engine.restore()
-    return agent, publisher, stream
+    return agent, publisher, stream, journal
 
 
-async def _run(agent, duration_s):
+async def _run(agent, publisher, duration_s):
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, agent.stop)
-    await agent.run(duration_s)
+    forwarder = agent.forwarder
+    publisher.on_activity = lambda: loop.call_soon_threadsafe(forwarder.wake)
+    try:
+        await agent.run(duration_s)
+    finally:
+        publisher.on_activity = None
 
 
 def main(argv=None):
@@ -131,7 +144,7 @@ def main(argv=None):
         return 0
     clock = SystemClock(config["clock"]["sync"])
     try:
-        agent, publisher, stream = build_agent(config, clock, args.quiet)
+        agent, publisher, stream, journal = build_agent(config, clock, args.quiet)
     except (OSError, ValueError) as error:
         sys.stderr.write("evse-agent: refusing to start: %s\n" % error)
         return 1
@@ -140,8 +153,9 @@ def main(argv=None):
         config["meter"]["port"], config["mqtt"]["host"], config["mqtt"]["port"]))
     publisher.start()
     try:
-        asyncio.run(_run(agent, args.duration))
+        asyncio.run(_run(agent, publisher, args.duration))
     finally:
+        journal.close()
         publisher.stop()
         stream.close()
     return 0

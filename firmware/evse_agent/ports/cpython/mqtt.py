@@ -1,10 +1,15 @@
 """MQTT publisher on paho-mqtt 2.x: retained online status, last will, explicit reconnect policy.
 
-Callbacks are thin: they record link state; the core only calls ``publish``.
+Callbacks are thin: they record link state and acknowledgements; the core calls
+``publish`` and asks ``take_acked`` for the QoS 1 records it tracks. paho runs its network
+loop in its own thread and resends unacknowledged QoS 1 messages after a reconnect;
+``on_activity`` (set by the port's wiring) is called from that thread on every PUBACK
+and connection change.
 """
 
 import ssl
 import threading
+import time
 
 import paho.mqtt.client as paho
 
@@ -23,7 +28,14 @@ class MqttPublisher:
         self.connected = False
         self.connects = 0
         self.last_error = None
+        self.on_activity = None
         self._connected_event = threading.Event()
+        # Acknowledgement bookkeeping, shared with paho's thread. Never hold this lock while
+        # calling into paho: paho calls on_publish with its own lock held (lock order).
+        self._ack_lock = threading.Lock()
+        self._watched = set()  # mids of QoS 1 messages the core tracks
+        self._acked = set()
+        self._early = {}  # mid -> monotonic time: PUBACKs (or QoS 0 sends) not yet matched
         client = paho.Client(
             callback_api_version=paho.CallbackAPIVersion.VERSION2,
             client_id=mqtt_config["client_id"],
@@ -42,6 +54,7 @@ class MqttPublisher:
                                    int(mqtt_config["reconnect_max_s"]))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
         self.client = client
 
     def start(self):
@@ -55,9 +68,47 @@ class MqttPublisher:
         return self._connected_event.wait(timeout_s)
 
     def publish(self, topic, payload, qos=0, retain=False):
-        """Queue one message; False when paho refused it (e.g. QoS 0 while disconnected)."""
+        """Queue one message; returns a token for ``take_acked`` (the mid), or None when
+        paho refused it. QoS 1 messages are kept by paho while disconnected and sent (again)
+        on reconnect."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        return info.rc == paho.MQTT_ERR_SUCCESS
+        if qos and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            with self._ack_lock:
+                if self._early.pop(info.mid, None) is not None:
+                    self._acked.add(info.mid)  # the PUBACK beat us here
+                else:
+                    self._watched.add(info.mid)
+            return info.mid
+        if info.rc == paho.MQTT_ERR_SUCCESS:
+            return info.mid
+        return None
+
+    def take_acked(self, token):
+        """True (once) when the broker has acknowledged the QoS 1 message ``token``."""
+        with self._ack_lock:
+            if token in self._acked:
+                self._acked.discard(token)
+                return True
+        return False
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        with self._ack_lock:
+            if mid in self._watched:
+                self._watched.discard(mid)
+                self._acked.add(mid)
+            else:
+                now = time.monotonic()
+                self._early[mid] = now
+                if len(self._early) > 256:
+                    # QoS 0 sends land here too; forget old ones before mids wrap around.
+                    for old in [m for m, t in self._early.items() if now - t > 30]:
+                        del self._early[old]
+        self._signal()
+
+    def _signal(self):
+        callback = self.on_activity
+        if callback is not None:
+            callback()
 
     def stop(self):
         """Say ``offline`` (retained) and disconnect cleanly, so the will is not needed."""
@@ -81,6 +132,7 @@ class MqttPublisher:
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         log.info("MQTT connected to %s:%s" % (self.config["host"], self.config["port"]))
         self._connected_event.set()
+        self._signal()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         was_connected = self.connected
@@ -90,3 +142,4 @@ class MqttPublisher:
             self.last_error = "disconnected: %s" % reason_code
             if was_connected:
                 log.warning("MQTT disconnected: %s; reconnecting" % reason_code)
+        self._signal()

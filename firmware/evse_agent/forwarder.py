@@ -1,0 +1,93 @@
+"""Store-and-forward: publishes journal records in order and advances the cursor on PUBACK.
+
+Policy (live traffic never waits behind a backlog): live messages — 1 s telemetry (QoS 0),
+the retained state and meter status — bypass the journal and go out as they happen. The
+journal replays in sequence order with at most ``window`` records in flight (handed to the
+MQTT client and not yet acknowledged), so a backlog of any size shares the link with live
+traffic instead of blocking it, and the broker's acknowledgements pace the replay. The
+acknowledged cursor moves only over an unbroken run of PUBACK'ed records; the journal
+persists it every ``cursor_sync_s``.
+
+The publisher (port) offers ``publish(topic, payload, qos, retain) -> token or None`` and
+``take_acked(token) -> bool``; the port calls ``wake()`` (from the event loop's thread) on
+every PUBACK and connection change, and the outbox calls it on every append.
+"""
+
+import asyncio
+
+from . import log
+from .journal import AGGREGATE, EVENT, SESSION, SUMMARY
+
+
+class Forwarder:
+    """Replays the journal to the broker; one task (``run``)."""
+
+    def __init__(self, journal, publisher, topics, clock, window=16):
+        self.journal = journal
+        self.publisher = publisher
+        self.clock = clock
+        self.window = window
+        self.topic_of = {SESSION: topics.session, EVENT: topics.event,
+                         AGGREGATE: topics.aggregate, SUMMARY: topics.aggregate}
+        self.inflight = []  # [seq, token, acked] in seq order
+        self.sent_up_to = journal.acked  # highest seq handed to the publisher
+        self.published = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._generation = journal.generation
+
+    def wake(self):
+        """New records were appended."""
+        self._wake.set()
+
+    def stop(self):
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self):
+        while not self._stopping:
+            self._wake.clear()
+            self.pump()
+            self.journal.tick(self.clock.monotonic_ms())
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    def pump(self):
+        """Collect acknowledgements, then fill the window with the next records."""
+        self._collect_acks()
+        if self.journal.generation != self._generation:
+            # A segment was compacted: re-read from what was acknowledged, in order.
+            self._generation = self.journal.generation
+            self.sent_up_to = max(self.journal.acked, self.inflight[-1][0] if self.inflight else 0)
+        room = self.window - len(self.inflight)
+        if room <= 0 or self.sent_up_to >= self.journal.next_seq - 1:
+            return
+        for record in self.journal.read_after(self.sent_up_to, room):
+            topic = self.topic_of.get(record.type)
+            if topic is None:
+                log.error("journal record seq %d has unknown type %d; skipped" % (record.seq, record.type))
+                self.inflight.append([record.seq, None, True])
+                self.sent_up_to = record.seq
+                continue
+            token = self.publisher.publish(topic, record.payload, 1, False)
+            if token is None:
+                break  # the client refused (queue full / not ready): try again on activity
+            self.inflight.append([record.seq, token, False])
+            self.sent_up_to = record.seq
+            self.published += 1
+        self._collect_acks()
+
+    def _collect_acks(self):
+        advanced = None
+        for entry in self.inflight:
+            if not entry[2] and entry[1] is not None and self.publisher.take_acked(entry[1]):
+                entry[2] = True
+        while self.inflight and self.inflight[0][2]:
+            advanced = self.inflight.pop(0)[0]
+        if advanced is not None:
+            self.journal.acknowledge(advanced)
+
+    def stats(self):
+        return {"inflight": len(self.inflight), "sent_up_to": self.sent_up_to, "published": self.published}

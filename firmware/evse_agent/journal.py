@@ -1,0 +1,677 @@
+"""Append-only, crash-safe journal of everything billing-relevant, on plain files.
+
+The journal is a directory of segment files ``seg-<first seq>.log``. Each record is framed::
+
+    magic "EJ" | length u32 | type u8 | seq u64 | time ms u64 | payload | CRC-32 u32
+
+(big-endian; the CRC covers length through payload). Sequence numbers grow by one per
+record, across segment rotation and restarts. On start ``recover()`` scans every segment:
+a torn final record (power lost mid-write) is cut off the last segment; a damaged record
+elsewhere is skipped (the scan resynchronises on the next valid frame) and reported —
+a record whose CRC does not match is never accepted.
+
+Durability: records of durable types (session records with their OCMF documents,
+events) are written and fsync'ed before ``append`` returns; aggregates are written at
+once and fsync'ed at least every ``sync_interval_s``. The acknowledged cursor (highest
+seq the broker has PUBACK'ed, with every earlier one acknowledged too) is kept in a small
+file replaced atomically every ``cursor_sync_s`` while it moves: after a crash, up to that
+much already-acknowledged traffic is sent again, and consumers drop it by ``seq``.
+
+Capacity (``max_bytes``, of which ``reserve_bytes`` are kept for durable records):
+fully acknowledged segments are deleted; when aggregates would exceed the bound, the
+oldest unacknowledged aggregates are folded into one ``summary`` record (count, time span,
+min / mean / max power) that takes the seq of the last record it replaces and names the
+range it covers, so consumers can tell dropped-on-purpose from lost. Durable records are
+never dropped: past the bound they go into the reserve and a ``journal_full`` alarm is
+raised; if the disk itself refuses a write, ``disk_error`` is raised and the record is
+kept in memory (and still published) until a write succeeds.
+
+The file system object (port) offers: ``listdir()``, ``size(name)``, ``open_append(name)``,
+``open_read(name)``, ``sync_file(handle)``, ``truncate(name, size)``, ``remove(name)``,
+``rename(old, new)``, ``read(name)``, ``write_atomic(name, data)``.
+"""
+
+import json
+
+from . import log
+
+try:
+    from binascii import crc32
+except ImportError:  # a MicroPython build without binascii.crc32
+    crc32 = None
+
+MAGIC = b"EJ"
+HEADER_BYTES = 2 + 4 + 1 + 8 + 8
+TRAILER_BYTES = 4
+MAX_PAYLOAD = 65536
+
+SESSION = 1
+EVENT = 2
+AGGREGATE = 3
+SUMMARY = 4
+TYPE_NAMES = {SESSION: "session", EVENT: "event", AGGREGATE: "aggregate", SUMMARY: "summary"}
+DURABLE_TYPES = (SESSION, EVENT)
+DROPPABLE_TYPES = (AGGREGATE, SUMMARY)
+
+CURSOR_FILE = "cursor.json"
+SEGMENT_PREFIX = "seg-"
+SEGMENT_SUFFIX = ".log"
+
+
+def _crc32_table():
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_TABLE = None
+
+
+def checksum(data):
+    """CRC-32 (IEEE, as zlib/binascii) of ``data``."""
+    if crc32 is not None:
+        return crc32(data) & 0xFFFFFFFF
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _crc32_table()
+    c = 0xFFFFFFFF
+    for byte in data:
+        c = (c >> 8) ^ _TABLE[(c ^ byte) & 0xFF]
+    return c ^ 0xFFFFFFFF
+
+
+def _put(buf, offset, value, size):
+    for i in range(size - 1, -1, -1):
+        buf[offset + i] = value & 0xFF
+        value >>= 8
+
+
+def _get(data, offset, size):
+    value = 0
+    for i in range(size):
+        value = (value << 8) | data[offset + i]
+    return value
+
+
+def encode_record(rtype, seq, time_ms, payload):
+    """The framed bytes of one record."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("journal payload of %d bytes exceeds %d" % (len(payload), MAX_PAYLOAD))
+    frame = bytearray(HEADER_BYTES + len(payload) + TRAILER_BYTES)
+    frame[0:2] = MAGIC
+    _put(frame, 2, len(payload), 4)
+    frame[6] = rtype
+    _put(frame, 7, seq, 8)
+    _put(frame, 15, time_ms, 8)
+    frame[HEADER_BYTES:HEADER_BYTES + len(payload)] = payload
+    end = HEADER_BYTES + len(payload)
+    _put(frame, end, checksum(memoryview(frame)[2:end]), 4)
+    return bytes(frame)
+
+
+class Record:
+    """One journal record; ``payload`` is the published message body (bytes)."""
+
+    __slots__ = ("seq", "type", "time_ms", "payload", "segment", "offset")
+
+    def __init__(self, seq, rtype, time_ms, payload, segment=None, offset=None):
+        self.seq = seq
+        self.type = rtype
+        self.time_ms = time_ms
+        self.payload = payload
+        self.segment = segment
+        self.offset = offset
+
+    @property
+    def size(self):
+        return HEADER_BYTES + len(self.payload) + TRAILER_BYTES
+
+    def __repr__(self):
+        return "Record(seq %d, %s, %d bytes)" % (self.seq, TYPE_NAMES.get(self.type, self.type), len(self.payload))
+
+
+TORN = "torn"
+CORRUPT = "corrupt"
+
+
+def decode_record(data, offset):
+    """(Record, next offset) for the frame at ``offset``; (None, TORN) if ``data`` ends inside
+    it; (None, CORRUPT) if the bytes there are not a valid frame."""
+    available = len(data) - offset
+    if available < HEADER_BYTES:
+        if available >= 2 and data[offset:offset + 2] != MAGIC:
+            return None, CORRUPT
+        return None, TORN
+    if data[offset:offset + 2] != MAGIC:
+        return None, CORRUPT
+    length = _get(data, offset + 2, 4)
+    if length > MAX_PAYLOAD:
+        return None, CORRUPT
+    end = offset + HEADER_BYTES + length
+    if len(data) < end + TRAILER_BYTES:
+        return None, TORN
+    if checksum(memoryview(data)[offset + 2:end]) != _get(data, end, 4):
+        return None, CORRUPT
+    record = Record(_get(data, offset + 7, 8), data[offset + 6], _get(data, offset + 15, 8),
+                    bytes(data[offset + HEADER_BYTES:end]))
+    return record, end + TRAILER_BYTES
+
+
+def scan(data):
+    """Every valid record in a segment's bytes, and what was wrong: (records, torn, corrupt).
+
+    ``torn`` is the byte offset where a torn final frame starts (None if the segment ends
+    cleanly); ``corrupt`` counts damaged stretches skipped in the middle.
+    """
+    records = []
+    offset = 0
+    corrupt = 0
+    torn = None
+    while offset < len(data):
+        record, after = decode_record(data, offset)
+        if record is not None:
+            record.offset = offset
+            records.append(record)
+            offset = after
+            continue
+        resync = _next_valid(data, offset + 1)
+        if resync is None:
+            # Nothing valid follows: a frame cut short by power loss, or garbage at the end.
+            torn = offset
+            break
+        corrupt += 1
+        offset = resync
+    return records, torn, corrupt
+
+
+def _next_valid(data, start):
+    """Offset of the next complete valid frame at or after ``start``, or None."""
+    index = data.find(MAGIC, start)
+    while index >= 0:
+        record, _ = decode_record(data, index)
+        if record is not None:
+            return index
+        index = data.find(MAGIC, index + 1)
+    return None
+
+
+def segment_name(first_seq):
+    return "%s%012d%s" % (SEGMENT_PREFIX, first_seq, SEGMENT_SUFFIX)
+
+
+def _segment_first_seq(name):
+    if not (name.startswith(SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX)):
+        return None
+    digits = name[len(SEGMENT_PREFIX):-len(SEGMENT_SUFFIX)]
+    if not digits.isdigit():
+        return None
+    return int(digits)
+
+
+class Segment:
+    """A segment file: its name, first seq, last seq, size, and what it holds."""
+
+    __slots__ = ("name", "first_seq", "last_seq", "size", "droppable", "records")
+
+    def __init__(self, name, first_seq):
+        self.name = name
+        self.first_seq = first_seq
+        self.last_seq = first_seq - 1
+        self.size = 0
+        self.droppable = 0  # records of droppable types
+        self.records = 0
+
+
+class RecoveryReport:
+    """What ``recover()`` found, for the log and the console."""
+
+    __slots__ = ("segments", "records", "torn_bytes", "corrupt", "next_seq", "acked")
+
+    def __init__(self):
+        self.segments = 0
+        self.records = 0
+        self.torn_bytes = 0
+        self.corrupt = 0
+        self.next_seq = 1
+        self.acked = 0
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class JournalError(Exception):
+    """A record could not be written to the journal (disk full or failing)."""
+
+
+class Journal:
+    """The journal in one directory (``fs``), bounded by ``config['max_bytes']``.
+
+    ``alarm(type, active, values)`` is told when ``journal_full`` or ``disk_error`` start
+    and end. ``clock`` supplies ``time()`` (record time stamps) and ``monotonic_ms()``.
+    """
+
+    def __init__(self, fs, config, clock, alarm=None):
+        self.fs = fs
+        self.clock = clock
+        self.alarm = alarm
+        self.max_bytes = config["max_bytes"]
+        self.reserve_bytes = config["reserve_bytes"]
+        self.segment_bytes = config["segment_bytes"]
+        self.sync_ms = int(config["sync_interval_s"] * 1000)
+        self.cursor_sync_ms = int(config["cursor_sync_s"] * 1000)
+        self.segments = []
+        self.next_seq = 1
+        self.acked = 0
+        self.generation = 0  # grows when segments are rewritten: readers must re-seek
+        self.pending = []  # records the disk refused, kept in memory until a write succeeds
+        self.dropped_records = 0  # aggregates folded into summaries or refused
+        self.bytes_written = 0
+        self.alarms = {}
+        self._handle = None
+        self._unsynced = False
+        self._last_sync_ms = clock.monotonic_ms()
+        self._cursor_saved = 0
+        self._cursor_saved_ms = clock.monotonic_ms()
+        self.report = None
+
+    # -- start-up --------------------------------------------------------------------
+
+    def recover(self):
+        """Scan the directory, cut a torn tail, find the next seq; returns a RecoveryReport."""
+        report = RecoveryReport()
+        cursor = self._load_cursor()
+        names = sorted(n for n in self.fs.listdir() if _segment_first_seq(n) is not None)
+        highest = 0
+        for index, name in enumerate(names):
+            segment = Segment(name, _segment_first_seq(name))
+            data = self.fs.read(name) or b""
+            records, torn, corrupt = scan(data)
+            if torn is not None:
+                report.torn_bytes += len(data) - torn
+                if index == len(names) - 1:
+                    self.fs.truncate(name, torn)
+                    log.warning("journal: cut a torn final record (%d bytes) off %s" % (len(data) - torn, name))
+                else:
+                    log.error("journal: %d bytes at the end of %s are not a valid record; skipped"
+                              % (len(data) - torn, name))
+            if corrupt:
+                log.error("journal: skipped %d damaged stretch(es) in %s" % (corrupt, name))
+            report.corrupt += corrupt
+            for record in records:
+                if record.seq <= highest:
+                    log.error("journal: record seq %d in %s does not follow %d; skipped"
+                              % (record.seq, name, highest))
+                    report.corrupt += 1
+                    continue
+                highest = record.seq
+                segment.last_seq = record.seq
+                segment.records += 1
+                if record.type in DROPPABLE_TYPES:
+                    segment.droppable += 1
+            segment.size = torn if torn is not None and index == len(names) - 1 else len(data)
+            report.records += segment.records
+            self.segments.append(segment)
+        self.acked = cursor
+        self.next_seq = max(highest, cursor, self.segments[-1].first_seq - 1 if self.segments else 0) + 1
+        self._cursor_saved = cursor
+        if not self.segments or self.segments[-1].size >= self.segment_bytes:
+            self._new_segment()
+        report.segments = len(self.segments)
+        report.next_seq = self.next_seq
+        report.acked = self.acked
+        self.report = report
+        self.delete_acked_segments()
+        log.info("journal: %d segments, %d records, next seq %d, acknowledged up to %d%s%s"
+                 % (report.segments, report.records, report.next_seq, report.acked,
+                    ", torn tail %d bytes" % report.torn_bytes if report.torn_bytes else "",
+                    ", %d damaged" % report.corrupt if report.corrupt else ""))
+        return report
+
+    def _load_cursor(self):
+        data = self.fs.read(CURSOR_FILE)
+        if data is None:
+            return 0
+        try:
+            acked = json.loads(data)["acked"]
+            if isinstance(acked, int) and acked >= 0:
+                return acked
+        except (ValueError, KeyError, TypeError):
+            pass
+        log.error("journal: cursor file is damaged; replaying everything still in the journal")
+        return 0
+
+    # -- writing ---------------------------------------------------------------------
+
+    @property
+    def total_bytes(self):
+        return sum(segment.size for segment in self.segments)
+
+    def append(self, rtype, payload, seq_hook=None):
+        """Store one record; returns its seq. Durable types are fsync'ed before returning.
+
+        ``seq_hook(seq)`` may return the final payload for that seq (so a message can carry
+        its own sequence number); otherwise ``payload`` is stored as given. Aggregates may be
+        refused when the journal is full (returns None).
+        """
+        durable = rtype in DURABLE_TYPES
+        self.retry_pending()
+        seq = self.next_seq
+        if seq_hook is not None:
+            payload = seq_hook(seq)
+        size = HEADER_BYTES + len(payload) + TRAILER_BYTES
+        if not durable and not self._make_room(size):
+            self.dropped_records += 1
+            return None
+        if durable and self.total_bytes + size > self.max_bytes - self.reserve_bytes:
+            self._set_alarm("journal_full", True, {"bytes": self.total_bytes, "max_bytes": self.max_bytes})
+        record = Record(seq, rtype, int(self.clock.time() * 1000), payload)
+        self.next_seq = seq + 1
+        if self.pending:
+            self.pending.append(record)  # keep order behind records the disk refused
+            return seq
+        try:
+            self._write(record, durable)
+        except OSError as error:
+            self.pending.append(record)
+            self._set_alarm("disk_error", True, {"error": str(error), "pending": len(self.pending)})
+            log.error("journal: cannot write seq %d (%s); kept in memory" % (seq, error))
+        return seq
+
+    def _write(self, record, durable):
+        segment = self.segments[-1]
+        if segment.size and segment.size + record.size > self.segment_bytes:
+            self._rotate()
+            segment = self.segments[-1]
+        frame = encode_record(record.type, record.seq, record.time_ms, record.payload)
+        handle = self._append_handle(segment)
+        try:
+            handle.write(frame)
+            handle.flush()
+            if durable:
+                self.fs.sync_file(handle)
+                self._unsynced = False
+                self._last_sync_ms = self.clock.monotonic_ms()
+            else:
+                self._unsynced = True
+        except OSError:
+            # Leave no partial frame behind: cut the file back to where the record began.
+            self._close_handle()
+            try:
+                self.fs.truncate(segment.name, segment.size)
+            except OSError:
+                pass
+            raise
+        record.segment = segment.name
+        record.offset = segment.size
+        segment.size += len(frame)
+        segment.last_seq = record.seq
+        segment.records += 1
+        if record.type in DROPPABLE_TYPES:
+            segment.droppable += 1
+        self.bytes_written += len(frame)
+
+    def retry_pending(self):
+        """Write records kept in memory after a disk error; clears the alarm when all are in."""
+        while self.pending:
+            record = self.pending[0]
+            try:
+                self._write(record, True)
+            except OSError:
+                return False
+            self.pending.pop(0)
+        if "disk_error" in self.alarms:
+            self._set_alarm("disk_error", False, {"pending": 0})
+        return True
+
+    def _append_handle(self, segment):
+        if self._handle is None or self._handle[0] != segment.name:
+            self._close_handle()
+            self._handle = (segment.name, self.fs.open_append(segment.name))
+        return self._handle[1]
+
+    def _close_handle(self):
+        if self._handle is not None:
+            try:
+                self._handle[1].close()
+            except OSError:
+                pass
+            self._handle = None
+
+    def _new_segment(self):
+        name = segment_name(self.next_seq)
+        handle = self.fs.open_append(name)
+        handle.close()
+        self.fs.sync_dir()
+        self.segments.append(Segment(name, self.next_seq))
+
+    def _rotate(self):
+        if self._handle is not None and self._unsynced:
+            self.fs.sync_file(self._handle[1])
+            self._unsynced = False
+        self._close_handle()
+        self._new_segment()
+
+    def tick(self, now_ms):
+        """Periodic work: batched fsync, cursor persistence, pending retries."""
+        if self._unsynced and now_ms - self._last_sync_ms >= self.sync_ms:
+            self.sync()
+        if self.acked != self._cursor_saved and now_ms - self._cursor_saved_ms >= self.cursor_sync_ms:
+            self.save_cursor()
+        if self.pending:
+            self.retry_pending()
+
+    def sync(self):
+        """fsync what was written since the last sync."""
+        if self._handle is not None and self._unsynced:
+            try:
+                self.fs.sync_file(self._handle[1])
+            except OSError as error:
+                self._set_alarm("disk_error", True, {"error": str(error)})
+                return
+        self._unsynced = False
+        self._last_sync_ms = self.clock.monotonic_ms()
+
+    def close(self):
+        """Sync data and cursor; called on clean shutdown."""
+        self.sync()
+        self.save_cursor()
+        self._close_handle()
+
+    # -- acknowledgements and cleanup --------------------------------------------------
+
+    def acknowledge(self, seq):
+        """Every record up to ``seq`` has been delivered (PUBACK'ed)."""
+        if seq > self.acked:
+            self.acked = seq
+            self.delete_acked_segments()
+
+    def save_cursor(self):
+        try:
+            self.fs.write_atomic(CURSOR_FILE, json.dumps({"acked": self.acked}).encode())
+        except OSError as error:
+            self._set_alarm("disk_error", True, {"error": str(error)})
+            return
+        self._cursor_saved = self.acked
+        self._cursor_saved_ms = self.clock.monotonic_ms()
+
+    def delete_acked_segments(self):
+        """Remove segments whose every record is acknowledged (never the active one)."""
+        while len(self.segments) > 1 and self.segments[0].last_seq <= self.acked:
+            segment = self.segments.pop(0)
+            try:
+                self.fs.remove(segment.name)
+            except OSError as error:
+                log.error("journal: cannot delete %s (%s)" % (segment.name, error))
+                self.segments.insert(0, segment)
+                return
+        if self.total_bytes <= self.max_bytes - self.reserve_bytes and "journal_full" in self.alarms:
+            self._set_alarm("journal_full", False, {"bytes": self.total_bytes, "max_bytes": self.max_bytes})
+
+    # -- capacity ----------------------------------------------------------------------
+
+    def _make_room(self, size):
+        """Fold the oldest unacknowledged aggregates into summaries until ``size`` fits.
+
+        False when only durable records are left (the aggregate is then refused).
+        """
+        limit = self.max_bytes - self.reserve_bytes
+        while self.total_bytes + size > limit:
+            self.delete_acked_segments()
+            if self.total_bytes + size <= limit:
+                break
+            candidate = None
+            for segment in self.segments[:-1]:
+                if segment.droppable > 1 or (segment.droppable == 1 and self._has_aggregate(segment)):
+                    candidate = segment
+                    break
+            if candidate is None:
+                self._set_alarm("journal_full", True, {"bytes": self.total_bytes, "max_bytes": self.max_bytes})
+                return False
+            self._compact(candidate)
+        return True
+
+    def _has_aggregate(self, segment):
+        records, _, _ = scan(self.fs.read(segment.name) or b"")
+        return any(r.type == AGGREGATE for r in records)
+
+    def _compact(self, segment):
+        """Rewrite ``segment`` with its aggregates and summaries folded into one summary."""
+        records, _, _ = scan(self.fs.read(segment.name) or b"")
+        keep = []
+        folded = [r for r in records if r.type in DROPPABLE_TYPES]
+        if not folded:
+            segment.droppable = 0
+            return
+        summary = _summary_of(folded)
+        last_folded = folded[-1].seq
+        for record in records:
+            if record.type in DROPPABLE_TYPES:
+                if record.seq == last_folded:
+                    keep.append(Record(last_folded, SUMMARY, record.time_ms, summary))
+                continue
+            keep.append(record)
+        data = b"".join(encode_record(r.type, r.seq, r.time_ms, r.payload) for r in keep)
+        temp = segment.name + ".tmp"
+        self.fs.write_atomic(temp, data)
+        self.fs.rename(temp, segment.name)
+        self.fs.sync_dir()
+        self.dropped_records += len(folded) - 1
+        segment.size = len(data)
+        segment.droppable = 1
+        segment.records = len(keep)
+        self.generation += 1
+        log.warning("journal: near its bound, folded %d aggregates (seq %d..%d) of %s into one summary"
+                    % (len(folded), folded[0].seq, last_folded, segment.name))
+
+    def _set_alarm(self, name, active, values):
+        was = name in self.alarms
+        if active == was:
+            if active:
+                self.alarms[name] = values
+            return
+        if active:
+            self.alarms[name] = values
+        else:
+            del self.alarms[name]
+        if self.alarm is not None:
+            self.alarm(name, active, values)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def read_after(self, seq, limit=64):
+        """Up to ``limit`` records with seq greater than ``seq``, in order (from disk, then
+        the ones held in memory after a disk error)."""
+        out = []
+        for segment in self.segments:
+            if segment.last_seq <= seq or segment.records == 0:
+                continue
+            data = self.fs.read(segment.name) or b""
+            records, _, _ = scan(data)
+            for record in records:
+                if record.seq > seq:
+                    record.segment = segment.name
+                    out.append(record)
+                    if len(out) >= limit:
+                        return out
+        for record in self.pending:
+            if record.seq > seq:
+                out.append(record)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def stats(self):
+        return {
+            "segments": len(self.segments),
+            "bytes": self.total_bytes,
+            "max_bytes": self.max_bytes,
+            "next_seq": self.next_seq,
+            "acked": self.acked,
+            "backlog": self.next_seq - 1 - self.acked,
+            "pending_in_memory": len(self.pending),
+            "dropped_records": self.dropped_records,
+            "bytes_written": self.bytes_written,
+            "alarms": sorted(self.alarms),
+        }
+
+
+def _summary_of(records):
+    """The payload of a summary record standing for ``records`` (aggregates or summaries)."""
+    count = 0
+    first_seq = records[0].seq
+    last_seq = records[-1].seq
+    start = None
+    end = None
+    power_min = None
+    power_max = None
+    power_sum = 0.0
+    power_n = 0
+    for record in records:
+        try:
+            doc = json.loads(record.payload)
+        except ValueError:
+            continue
+        if record.type == SUMMARY:
+            count += doc.get("aggregates", 0)
+            first_seq = min(first_seq, doc.get("covers_seq", [first_seq])[0])
+            weight = doc.get("aggregates", 0)
+        else:
+            count += 1
+            weight = 1
+        if start is None or (doc.get("start") and doc["start"] < start):
+            start = doc.get("start")
+        if end is None or (doc.get("end") and doc["end"] > end):
+            end = doc.get("end")
+        power = doc.get("power_total_w") or {}
+        if power.get("min") is not None:
+            power_min = power["min"] if power_min is None else min(power_min, power["min"])
+        if power.get("max") is not None:
+            power_max = power["max"] if power_max is None else max(power_max, power["max"])
+        if power.get("avg") is not None:
+            power_sum += power["avg"] * weight
+            power_n += weight
+    station = None
+    for record in records:
+        try:
+            station = json.loads(record.payload).get("station")
+        except ValueError:
+            continue
+        if station:
+            break
+    body = {
+        "seq": last_seq,
+        "station": station,
+        "kind": "summary",
+        "covers_seq": [first_seq, last_seq],
+        "aggregates": count,
+        "start": start,
+        "end": end,
+        "power_total_w": {"min": power_min, "avg": round(power_sum / power_n, 1) if power_n else None,
+                          "max": power_max},
+        "reason": "journal near its bound: aggregates folded",
+    }
+    return json.dumps(body).encode()
