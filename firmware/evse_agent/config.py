@@ -137,12 +137,13 @@ SCHEMA = {
         "segment_bytes": Field(int, 256 * 1024, minimum=1024, maximum=1 << 30),
         "sync_interval_s": Field(float, 30.0, minimum=0.1, maximum=3600,
                                  help="fsync of aggregates at least this often (sessions/events: at once)"),
-        "cursor_sync_s": Field(float, 5.0, minimum=0.1, maximum=3600,
-                               help="how often the acknowledged cursor is saved while it moves"),
+        "cursor_sync_s": Field(float, 60.0, minimum=0.1, maximum=3600,
+                               help="how often the acknowledged cursor is saved while it moves "
+                                    "(after a crash, up to this much is sent again)"),
         "aggregate_interval_s": Field(float, 10.0, minimum=0.1, maximum=3600,
                                       help="telemetry aggregate interval kept in the journal"),
-        "window": Field(int, 16, minimum=1, maximum=1000,
-                        help="journal records in flight (published, not yet acknowledged)"),
+        "window": Field(int, 64, minimum=1, maximum=1000,
+                        help="journal records handed to the MQTT client and not yet acknowledged"),
     },
     "signing": {
         "key_file": Field(str, "run/station-key.pem",

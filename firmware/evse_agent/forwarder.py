@@ -9,7 +9,7 @@ acknowledged cursor moves only over an unbroken run of PUBACK'ed records; the jo
 persists it every ``cursor_sync_s``.
 
 The publisher (port) offers ``publish(topic, payload, qos, retain) -> token or None`` and
-``take_acked(token) -> bool``; the port calls ``wake()`` (from the event loop's thread) on
+``drain_acked() -> tokens acknowledged since the last call``; the port calls ``wake()`` (from the event loop's thread) on
 every PUBACK and connection change, and the outbox calls it on every append.
 """
 
@@ -30,6 +30,7 @@ class Forwarder:
         self.topic_of = {SESSION: topics.session, EVENT: topics.event,
                          AGGREGATE: topics.aggregate, SUMMARY: topics.aggregate}
         self.inflight = []  # [seq, token, acked] in seq order
+        self._by_token = {}
         self.sent_up_to = journal.acked  # highest seq handed to the publisher
         self.published = 0
         self._wake = asyncio.Event()
@@ -74,15 +75,18 @@ class Forwarder:
             token = self.publisher.publish(topic, record.payload, 1, False)
             if token is None:
                 break  # the client refused (queue full / not ready): try again on activity
-            self.inflight.append([record.seq, token, False])
+            entry = [record.seq, token, False]
+            self.inflight.append(entry)
+            self._by_token[token] = entry
             self.sent_up_to = record.seq
             self.published += 1
         self._collect_acks()
 
     def _collect_acks(self):
         advanced = None
-        for entry in self.inflight:
-            if not entry[2] and entry[1] is not None and self.publisher.take_acked(entry[1]):
+        for token in self.publisher.drain_acked():
+            entry = self._by_token.pop(token, None)
+            if entry is not None:
                 entry[2] = True
         while self.inflight and self.inflight[0][2]:
             advanced = self.inflight.pop(0)[0]

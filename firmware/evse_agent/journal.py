@@ -26,9 +26,9 @@ never dropped: past the bound they go into the reserve and a ``journal_full`` al
 raised; if the disk itself refuses a write, ``disk_error`` is raised and the record is
 kept in memory (and still published) until a write succeeds.
 
-The file system object (port) offers: ``listdir()``, ``size(name)``, ``open_append(name)``,
-``open_read(name)``, ``sync_file(handle)``, ``truncate(name, size)``, ``remove(name)``,
-``rename(old, new)``, ``read(name)``, ``write_atomic(name, data)``.
+The file system object (port) offers: ``listdir()``, ``open_append(name)``,
+``sync_file(handle)``, ``sync_dir()``, ``truncate(name, size)``, ``remove(name)``,
+``rename(old, new)``, ``read(name)``, ``read_from(name, offset)``, ``write_atomic(name, data)``.
 """
 
 import json
@@ -53,6 +53,7 @@ TYPE_NAMES = {SESSION: "session", EVENT: "event", AGGREGATE: "aggregate", SUMMAR
 DURABLE_TYPES = (SESSION, EVENT)
 DROPPABLE_TYPES = (AGGREGATE, SUMMARY)
 
+READ_CHUNK = 16384
 CURSOR_FILE = "cursor.json"
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".log"
@@ -91,10 +92,7 @@ def _put(buf, offset, value, size):
 
 
 def _get(data, offset, size):
-    value = 0
-    for i in range(size):
-        value = (value << 8) | data[offset + i]
-    return value
+    return int.from_bytes(data[offset:offset + size], "big")
 
 
 def encode_record(rtype, seq, time_ms, payload):
@@ -276,6 +274,7 @@ class Journal:
         self._last_sync_ms = clock.monotonic_ms()
         self._cursor_saved = 0
         self._cursor_saved_ms = clock.monotonic_ms()
+        self._read_pos = None  # (seq, segment name, offset after it, generation)
         self.report = None
 
     # -- start-up --------------------------------------------------------------------
@@ -584,25 +583,69 @@ class Journal:
 
     def read_after(self, seq, limit=64):
         """Up to ``limit`` records with seq greater than ``seq``, in order (from disk, then
-        the ones held in memory after a disk error)."""
+        the ones held in memory after a disk error).
+
+        Reading on from where the previous call stopped costs only the new bytes: the
+        position of the last record returned is remembered (until a compaction)."""
         out = []
-        for segment in self.segments:
-            if segment.last_seq <= seq or segment.records == 0:
-                continue
-            data = self.fs.read(segment.name) or b""
-            records, _, _ = scan(data)
-            for record in records:
+        index, offset = self._locate(seq)
+        while index < len(self.segments):
+            segment = self.segments[index]
+            for record, after in self._frames(segment, offset):
                 if record.seq > seq:
-                    record.segment = segment.name
                     out.append(record)
+                    self._read_pos = (record.seq, segment.name, after, self.generation)
                     if len(out) >= limit:
                         return out
+            index += 1
+            offset = 0
         for record in self.pending:
             if record.seq > seq:
                 out.append(record)
                 if len(out) >= limit:
                     break
         return out
+
+    def _frames(self, segment, offset):
+        """(record, offset after it) for each valid frame of ``segment`` from ``offset``,
+        read in chunks; damaged stretches are skipped as ``scan`` does."""
+        chunk = READ_CHUNK
+        while offset < segment.size:
+            data = self.fs.read_from(segment.name, offset, min(chunk, segment.size - offset))
+            if not data:
+                return
+            pos = 0
+            while pos < len(data):
+                record, after = decode_record(data, pos)
+                if record is not None:
+                    record.segment = segment.name
+                    record.offset = offset + pos
+                    yield record, offset + after
+                    pos = after
+                elif after == TORN and offset + len(data) < segment.size:
+                    break  # the chunk ends inside this frame: read on from its start
+                else:
+                    # Damage (rare): find the next valid frame in the rest of the file.
+                    rest = self.fs.read_from(segment.name, offset + pos)
+                    resync = _next_valid(rest, 1)
+                    if resync is None:
+                        return
+                    pos += resync
+                    break
+            chunk = READ_CHUNK if pos else HEADER_BYTES + MAX_PAYLOAD + TRAILER_BYTES
+            offset += pos
+
+    def _locate(self, seq):
+        """(segment index, byte offset) where records after ``seq`` start."""
+        hint = self._read_pos
+        if hint is not None and hint[0] == seq and hint[3] == self.generation:
+            for index, segment in enumerate(self.segments):
+                if segment.name == hint[1]:
+                    return index, hint[2]
+        for index, segment in enumerate(self.segments):
+            if segment.last_seq > seq:
+                return index, 0
+        return len(self.segments), 0
 
     def stats(self):
         return {

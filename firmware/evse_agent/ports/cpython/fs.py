@@ -24,6 +24,15 @@ class FileSystem:
         except FileNotFoundError:
             return None
 
+    def read_from(self, name, offset, size=-1):
+        """Up to ``size`` bytes of the file from ``offset`` (all to its end if -1; b"" if missing)."""
+        try:
+            with open(self.path(name), "rb") as handle:
+                handle.seek(offset)
+                return handle.read(size)
+        except FileNotFoundError:
+            return b""
+
     def write_atomic(self, name, data):
         target = self.path(name)
         temp = target + ".tmp"

@@ -1,7 +1,7 @@
 """MQTT publisher on paho-mqtt 2.x: retained online status, last will, explicit reconnect policy.
 
 Callbacks are thin: they record link state and acknowledgements; the core calls
-``publish`` and asks ``take_acked`` for the QoS 1 records it tracks. paho runs its network
+``publish`` and collects ``drain_acked`` for the QoS 1 records it tracks. paho runs its network
 loop in its own thread and resends unacknowledged QoS 1 messages after a reconnect;
 ``on_activity`` (set by the port's wiring) is called from that thread on every PUBACK
 and connection change.
@@ -68,7 +68,7 @@ class MqttPublisher:
         return self._connected_event.wait(timeout_s)
 
     def publish(self, topic, payload, qos=0, retain=False):
-        """Queue one message; returns a token for ``take_acked`` (the mid), or None when
+        """Queue one message; returns a token for ``drain_acked`` (the mid), or None when
         paho refused it. QoS 1 messages are kept by paho while disconnected and sent (again)
         on reconnect."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
@@ -83,13 +83,14 @@ class MqttPublisher:
             return info.mid
         return None
 
-    def take_acked(self, token):
-        """True (once) when the broker has acknowledged the QoS 1 message ``token``."""
+    def drain_acked(self):
+        """Tokens of the QoS 1 messages the broker acknowledged since the last call."""
         with self._ack_lock:
-            if token in self._acked:
-                self._acked.discard(token)
-                return True
-        return False
+            if not self._acked:
+                return ()
+            acked = self._acked
+            self._acked = set()
+        return acked
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         with self._ack_lock:

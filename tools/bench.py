@@ -1,0 +1,282 @@
+"""``make bench``: measured figures of the agent, each beside its baseline from the same run.
+
+Prints one table and writes ``bench/results.json``. Benchmarks measure; they do not pass or
+fail (the machines are shared and noisy) — read the ratios.
+
+Figures so far (the journal):
+
+- durable append rate: session-record-sized records, each fsync'ed before ``append``
+  returns, against the same bytes written and fsync'ed with plain ``os.write``/``os.fsync``;
+- replay after a simulated 1-hour and 24-hour outage (fast clock): the forwarder's
+  publish rate to a real mosquitto, against raw paho-mqtt QoS 1 publishing of the same
+  messages to the same broker (publish all, wait for every PUBACK);
+- flash wear: bytes and fsyncs the journal writes per hour at the default settings,
+  from a simulated hour of telemetry at 1 Hz with a broker that acknowledges everything.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+from evse_agent.aggregate import Aggregator
+from evse_agent.config import validate
+from evse_agent.forwarder import Forwarder
+from evse_agent.journal import AGGREGATE, EVENT, SESSION, Journal
+from evse_agent.messages import Outbox, Topics
+from evse_agent.ports.cpython.fs import FileSystem
+from evse_agent.ports.cpython.mqtt import MqttPublisher
+from evse_agent.reading import Reading
+
+from .broker import Mosquitto
+from .subscriber import Collector
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results.json")
+
+
+class FastClock:
+    """A clock the benchmark moves by hand (wall and monotonic together)."""
+
+    def __init__(self, start=1790000000.0):
+        self.now = start
+
+    def time(self):
+        return self.now
+
+    def monotonic_ms(self):
+        return int(self.now * 1000)
+
+    def synced(self):
+        return True
+
+
+class CountingFileSystem(FileSystem):
+    """FileSystem that counts bytes written and fsyncs (the flash-wear model's inputs)."""
+
+    def __init__(self, root):
+        FileSystem.__init__(self, root)
+        self.fsyncs = 0
+        self.atomic_bytes = 0
+
+    def sync_file(self, handle):
+        self.fsyncs += 1
+        FileSystem.sync_file(self, handle)
+
+    def write_atomic(self, name, data):
+        self.fsyncs += 2  # the file and its directory
+        self.atomic_bytes += len(data)
+        FileSystem.write_atomic(self, name, data)
+
+    def sync_dir(self):
+        self.fsyncs += 1
+        FileSystem.sync_dir(self)
+
+
+def _config(journal_dir, port=1883, **journal):
+    section = {"dir": journal_dir}
+    section.update(journal)
+    return validate({"station_id": "bench-1", "meter": {"model": "sdm630", "port": "/dev/null"},
+                     "journal": section, "mqtt": {"port": port}})
+
+
+SESSION_DOC = {
+    "event": "end", "session_id": "bench-1-000001", "energy_wh": 36123,
+    "ocmf_begin": "OCMF|" + "x" * 600 + "|{}", "ocmf_end": "OCMF|" + "y" * 700 + "|{}",
+    "ocmf_documents": ["OCMF|" + "z" * 600 + "|{}", "OCMF|" + "w" * 700 + "|{}"],
+}
+
+
+def bench_durable_append(workdir, count=300):
+    """Records/s for durable appends, against raw write+fsync of the same frames."""
+    clock = FastClock()
+    config = _config(os.path.join(workdir, "append"))
+    journal = Journal(FileSystem(config["journal"]["dir"]), config["journal"], clock)
+    journal.recover()
+    outbox = Outbox(None, "bench-1", journal)
+    payload_bytes = len(json.dumps(dict(SESSION_DOC, seq=1, station="bench-1")))
+    started = time.perf_counter()
+    for _ in range(count):
+        outbox.record(SESSION, dict(SESSION_DOC))
+    journal_s = time.perf_counter() - started
+    journal.close()
+    raw_path = os.path.join(workdir, "raw.log")
+    frame = b"r" * (payload_bytes + 27)
+    fd = os.open(raw_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    started = time.perf_counter()
+    for _ in range(count):
+        os.write(fd, frame)
+        os.fsync(fd)
+    raw_s = time.perf_counter() - started
+    os.close(fd)
+    return {"records": count, "record_bytes": payload_bytes + 27,
+            "journal_per_s": round(count / journal_s, 1), "raw_fsync_per_s": round(count / raw_s, 1),
+            "ratio": round(raw_s / journal_s, 3)}
+
+
+def _fill_outage(journal_dir, hours, clock):
+    """A journal holding ``hours`` of 10 s aggregates (and an event per hour), broker away."""
+    config = _config(journal_dir)
+    journal = Journal(FileSystem(journal_dir), config["journal"], clock)
+    journal.recover()
+    outbox = Outbox(None, "bench-1", journal)
+    aggregator = Aggregator(10, 3)
+    energy = 5000000
+    for second in range(int(hours * 3600)):
+        clock.now += 1
+        power = 11000.0 + (second % 7) * 10
+        energy += 3
+        finished = aggregator.add(Reading(clock.now, clock.monotonic_ms(), [230.1, 231.2, 229.8],
+                                          [16.0, 16.1, 15.9], [3680.0, 3700.0, 3620.0], power, 50.0,
+                                          energy, 122))
+        if finished is not None:
+            outbox.record(AGGREGATE, finished)
+        if second % 3600 == 0:
+            outbox.record(EVENT, {"type": "power_drop", "severity": "warning", "values": {"w": power}})
+    journal.sync()
+    return journal, config
+
+
+def _replay(journal, broker, config):
+    """Seconds for the forwarder to publish the whole journal and get every PUBACK."""
+    topics = Topics("evse", "bench-1")
+    mqtt = dict(config["mqtt"], port=broker.port, client_id="bench-replay")
+    publisher = MqttPublisher(mqtt, topics.status)
+    publisher.start()
+    publisher.wait_connected(10)
+    forwarder = Forwarder(journal, publisher, topics, journal.clock, config["journal"]["window"])
+    last = journal.next_seq - 1
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        publisher.on_activity = lambda: loop.call_soon_threadsafe(forwarder.wake)
+        task = asyncio.create_task(forwarder.run())
+        started = time.perf_counter()
+        while journal.acked < last:
+            await asyncio.sleep(0.001)
+        elapsed = time.perf_counter() - started
+        forwarder.stop()
+        await task
+        publisher.on_activity = None
+        return elapsed
+
+    try:
+        return asyncio.run(run())
+    finally:
+        publisher.stop()
+
+
+def _raw_paho(broker, payloads):
+    """Seconds for plain paho (default settings) to publish ``payloads`` with QoS 1 and
+    collect every PUBACK: what a user would write by hand."""
+    import paho.mqtt.client as paho
+    client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, client_id="bench-raw")
+    client.connect(broker.host, broker.port, 30)
+    client.loop_start()
+    try:
+        started = time.perf_counter()
+        infos = [client.publish("evse/bench-1/aggregate", payload, qos=1) for payload in payloads]
+        for info in infos:
+            info.wait_for_publish(60)
+        return time.perf_counter() - started
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def bench_replay(workdir, broker, hours):
+    clock = FastClock()
+    journal_dir = os.path.join(workdir, "outage-%gh" % hours)
+    journal, config = _fill_outage(journal_dir, hours, clock)
+    records = journal.read_after(0, 1 << 30)
+    payloads = [r.payload for r in records]
+    sink = Collector(broker.host, broker.port, "evse/bench-1/#", qos=1)
+    try:
+        raw_s = _raw_paho(broker, payloads)
+        replay_s = _replay(journal, broker, config)
+    finally:
+        sink.close()
+        journal.close()
+    count = len(payloads)
+    return {"outage_hours": hours, "records": count,
+            "replay_per_s": round(count / replay_s, 1), "raw_paho_qos1_per_s": round(count / raw_s, 1),
+            "ratio": round(raw_s / replay_s, 3)}
+
+
+def bench_flash_wear(workdir):
+    """Bytes and fsyncs per hour of telemetry at the default settings, broker acknowledging."""
+    clock = FastClock()
+    journal_dir = os.path.join(workdir, "wear")
+    config = _config(journal_dir)
+    fs = CountingFileSystem(journal_dir)
+    journal = Journal(fs, config["journal"], clock)
+    journal.recover()
+    outbox = Outbox(None, "bench-1", journal)
+    aggregator = Aggregator(config["journal"]["aggregate_interval_s"], 3)
+    start_fsyncs = fs.fsyncs
+    for second in range(3600):
+        clock.now += 1
+        finished = aggregator.add(Reading(clock.now, clock.monotonic_ms(), [230.1, 231.2, 229.8],
+                                          [16.0, 16.1, 15.9], [3680.0, 3700.0, 3620.0], 11000.0, 50.0,
+                                          5000000 + second * 3, 122))
+        if finished is not None:
+            seq = outbox.record(AGGREGATE, finished)
+            journal.acknowledge(seq)  # a healthy broker acknowledges at once
+        journal.tick(clock.monotonic_ms())
+    data = journal.bytes_written
+    fsyncs = fs.fsyncs - start_fsyncs
+    journal.close()
+    page = 4096
+    return {"records_per_h": journal.next_seq - 1, "data_bytes_per_h": data,
+            "cursor_bytes_per_h": fs.atomic_bytes, "fsyncs_per_h": fsyncs,
+            "flash_bytes_per_h_estimate": data + fs.atomic_bytes + fsyncs * page,
+            "model": "data + cursor files + one 4 KiB page per fsync (ext4/SD or littlefs block)"}
+
+
+def _table(results):
+    lines = ["%-44s %16s %16s %8s" % ("figure", "measured", "baseline", "ratio")]
+    append = results["durable_append"]
+    lines.append("%-44s %13.1f/s %13.1f/s %8.3f" % (
+        "journal durable append (%d B records)" % append["record_bytes"], append["journal_per_s"],
+        append["raw_fsync_per_s"], append["ratio"]))
+    for replay in results["replay"]:
+        lines.append("%-44s %13.1f/s %13.1f/s %8.3f" % (
+            "replay after %gh outage (%d records)" % (replay["outage_hours"], replay["records"]),
+            replay["replay_per_s"], replay["raw_paho_qos1_per_s"], replay["ratio"]))
+    wear = results["flash_wear"]
+    lines.append("%-44s %14d B %16s %8s" % ("journal data written per hour", wear["data_bytes_per_h"], "", ""))
+    lines.append("%-44s %16d %16s %8s" % ("fsyncs per hour", wear["fsyncs_per_h"], "", ""))
+    lines.append("%-44s %14d B %16s %8s" % ("flash bytes per hour (estimate)", wear["flash_bytes_per_h_estimate"],
+                                             "", ""))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="evse-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=RESULTS)
+    args = parser.parse_args(argv)
+    workdir = tempfile.mkdtemp(prefix="evse-bench-")
+    try:
+        results = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                               "cpus": os.cpu_count()},
+                   "durable_append": bench_durable_append(workdir)}
+        with Mosquitto() as broker:
+            results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
+        results["flash_wear"] = bench_flash_wear(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(_table(results))
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print("results written to %s" % os.path.relpath(args.output, ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Fleet-side handling of journaled records: de-duplication and gap detection by ``seq``.
+
+Agents publish journaled records (session records, events, aggregates) with QoS 1 and a
+per-station sequence number that grows by one with no gaps. QoS 1 and replays after a
+restart deliver some records more than once; a consumer keeps each ``(station, seq)``
+once and can tell which numbers it has not seen. A ``summary`` record names the range of
+aggregates it stands for (``covers_seq``): those numbers are accounted for, not missing.
+"""
+
+
+class StationSequence:
+    """What one station's consumer has seen: everything up to ``contiguous``, and beyond."""
+
+    __slots__ = ("contiguous", "ahead", "duplicates", "accepted")
+
+    def __init__(self):
+        self.contiguous = 0
+        self.ahead = set()
+        self.duplicates = 0
+        self.accepted = 0
+
+    def seen(self, seq):
+        return seq <= self.contiguous or seq in self.ahead
+
+    def mark(self, seq):
+        if seq > self.contiguous:
+            self.ahead.add(seq)
+        while self.contiguous + 1 in self.ahead:
+            self.contiguous += 1
+            self.ahead.discard(self.contiguous)
+
+    def missing(self):
+        """The seqs not seen below the highest one seen, as (first, last) ranges."""
+        if not self.ahead:
+            return []
+        ranges = []
+        start = None
+        for seq in range(self.contiguous + 1, max(self.ahead) + 1):
+            if seq in self.ahead:
+                if start is not None:
+                    ranges.append((start, seq - 1))
+                    start = None
+            elif start is None:
+                start = seq
+        return ranges
+
+
+class SequenceTracker:
+    """De-duplicates journaled records of many stations and reports gaps."""
+
+    def __init__(self):
+        self.stations = {}
+
+    def accept(self, station, seq, body=None):
+        """True the first time ``(station, seq)`` is offered, False for a redelivery."""
+        state = self.stations.get(station)
+        if state is None:
+            state = self.stations[station] = StationSequence()
+        if state.seen(seq):
+            state.duplicates += 1
+            return False
+        state.mark(seq)
+        state.accepted += 1
+        if body is not None and body.get("kind") == "summary":
+            first, last = body["covers_seq"]
+            for covered in range(first, last + 1):
+                state.mark(covered)
+        return True
+
+    def accept_message(self, body):
+        """``accept`` for a decoded message body; live messages (no ``seq``) pass through."""
+        if not isinstance(body, dict) or "seq" not in body:
+            return True
+        return self.accept(body.get("station"), body["seq"], body)
+
+    def gaps(self, station):
+        state = self.stations.get(station)
+        return [] if state is None else state.missing()
+
+    def highest(self, station):
+        state = self.stations.get(station)
+        if state is None:
+            return 0
+        return max([state.contiguous] + list(state.ahead))
