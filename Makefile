@@ -13,6 +13,9 @@ demo: $(STAMP) system
 test: $(STAMP) system
 	$(PYTHON) -m pytest host_tests
 
+bench: $(STAMP) system
+	$(PYTHON) -m evse_tools.bench
+
 system:
 	@sh tools/bootstrap.sh
 

@@ -3,8 +3,9 @@
 Agents publish journaled records (session records, events, aggregates) with QoS 1 and a
 per-station sequence number that grows by one with no gaps. QoS 1 and replays after a
 restart deliver some records more than once; a consumer keeps each ``(station, seq)``
-once and can tell which numbers it has not seen. A ``summary`` record names the range of
-aggregates it stands for (``covers_seq``): those numbers are accounted for, not missing.
+once and can tell which numbers it has not seen. A ``summary`` record lists the
+sequence numbers of the aggregates it stands for (``covers_seq``, [first, last] runs): those
+numbers are accounted for, not missing.
 """
 
 
@@ -62,9 +63,9 @@ class SequenceTracker:
         state.mark(seq)
         state.accepted += 1
         if body is not None and body.get("kind") == "summary":
-            first, last = body["covers_seq"]
-            for covered in range(first, last + 1):
-                state.mark(covered)
+            for first, last in body["covers_seq"]:
+                for covered in range(first, last + 1):
+                    state.mark(covered)
         return True
 
     def accept_message(self, body):

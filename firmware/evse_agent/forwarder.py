@@ -63,9 +63,12 @@ class Forwarder:
             self._generation = self.journal.generation
             self.sent_up_to = max(self.journal.acked, self.inflight[-1][0] if self.inflight else 0)
         room = self.window - len(self.inflight)
-        if room <= 0 or self.sent_up_to >= self.journal.next_seq - 1:
+        ready = self.journal.publishable_seq()
+        if room <= 0 or self.sent_up_to >= ready:
             return
         for record in self.journal.read_after(self.sent_up_to, room):
+            if record.seq > ready:
+                break
             topic = self.topic_of.get(record.type)
             if topic is None:
                 log.error("journal record seq %d has unknown type %d; skipped" % (record.seq, record.type))

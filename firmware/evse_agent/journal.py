@@ -20,8 +20,10 @@ much already-acknowledged traffic is sent again, and consumers drop it by ``seq`
 Capacity (``max_bytes``, of which ``reserve_bytes`` are kept for durable records):
 fully acknowledged segments are deleted; when aggregates would exceed the bound, the
 oldest unacknowledged aggregates are folded into one ``summary`` record (count, time span,
-min / mean / max power) that takes the seq of the last record it replaces and names the
-range it covers, so consumers can tell dropped-on-purpose from lost. Durable records are
+min / mean / max power) that takes the seq of the last record it replaces and lists the
+sequence numbers it stands for, so consumers can tell dropped-on-purpose from lost.
+Only records on disk (up to ``synced_seq``) are handed to the forwarder: a record lost
+with power before its fsync was never published, so giving its seq again is safe. Durable records are
 never dropped: past the bound they go into the reserve and a ``journal_full`` alarm is
 raised; if the disk itself refuses a write, ``disk_error`` is raised and the record is
 kept in memory (and still published) until a write succeeds.
@@ -265,6 +267,9 @@ class Journal:
         self.next_seq = 1
         self.acked = 0
         self.generation = 0  # grows when segments are rewritten: readers must re-seek
+        # Highest seq known to be on disk (fsync'ed). Only records up to here are published:
+        # one lost with power before its fsync was never seen, so its seq may be given again.
+        self.synced_seq = 0
         self.pending = []  # records the disk refused, kept in memory until a write succeeds
         self.dropped_records = 0  # aggregates folded into summaries or refused
         self.bytes_written = 0
@@ -317,8 +322,9 @@ class Journal:
         self.acked = cursor
         self.next_seq = max(highest, cursor, self.segments[-1].first_seq - 1 if self.segments else 0) + 1
         self._cursor_saved = cursor
+        self.synced_seq = self.next_seq - 1
         if not self.segments or self.segments[-1].size >= self.segment_bytes:
-            self._new_segment()
+            self._new_segment(self.next_seq)
         report.segments = len(self.segments)
         report.next_seq = self.next_seq
         report.acked = self.acked
@@ -362,10 +368,18 @@ class Journal:
         if seq_hook is not None:
             payload = seq_hook(seq)
         size = HEADER_BYTES + len(payload) + TRAILER_BYTES
-        if not durable and not self._make_room(size):
-            self.dropped_records += 1
-            return None
-        if durable and self.total_bytes + size > self.max_bytes - self.reserve_bytes:
+        try:
+            room = self._make_room(size)
+        except OSError as error:
+            # The disk refused the rewrite of a segment: fold nothing now.
+            self._set_alarm("disk_error", True, {"error": str(error), "pending": len(self.pending)})
+            log.error("journal: cannot fold aggregates (%s)" % error)
+            room = False
+        if not room:
+            if not durable:
+                self.dropped_records += 1
+                return None
+            # Only records that are never dropped are left: use the reserve.
             self._set_alarm("journal_full", True, {"bytes": self.total_bytes, "max_bytes": self.max_bytes})
         record = Record(seq, rtype, int(self.clock.time() * 1000), payload)
         self.next_seq = seq + 1
@@ -383,7 +397,7 @@ class Journal:
     def _write(self, record, durable):
         segment = self.segments[-1]
         if segment.size and segment.size + record.size > self.segment_bytes:
-            self._rotate()
+            self._rotate(record.seq)
             segment = self.segments[-1]
         frame = encode_record(record.type, record.seq, record.time_ms, record.payload)
         handle = self._append_handle(segment)
@@ -409,6 +423,8 @@ class Journal:
         segment.size += len(frame)
         segment.last_seq = record.seq
         segment.records += 1
+        if durable:
+            self.synced_seq = record.seq  # this fsync covered every earlier write too
         if record.type in DROPPABLE_TYPES:
             segment.droppable += 1
         self.bytes_written += len(frame)
@@ -440,19 +456,23 @@ class Journal:
                 pass
             self._handle = None
 
-    def _new_segment(self):
-        name = segment_name(self.next_seq)
+    def _new_segment(self, first_seq):
+        """Start the segment whose first record will be ``first_seq``."""
+        name = segment_name(first_seq)
+        if any(segment.name == name for segment in self.segments):
+            raise JournalError("segment %s exists already" % name)
         handle = self.fs.open_append(name)
         handle.close()
         self.fs.sync_dir()
-        self.segments.append(Segment(name, self.next_seq))
+        self.segments.append(Segment(name, first_seq))
 
-    def _rotate(self):
+    def _rotate(self, first_seq):
         if self._handle is not None and self._unsynced:
             self.fs.sync_file(self._handle[1])
             self._unsynced = False
+            self.synced_seq = self.segments[-1].last_seq
         self._close_handle()
-        self._new_segment()
+        self._new_segment(first_seq)
 
     def tick(self, now_ms):
         """Periodic work: batched fsync, cursor persistence, pending retries."""
@@ -472,6 +492,7 @@ class Journal:
                 self._set_alarm("disk_error", True, {"error": str(error)})
                 return
         self._unsynced = False
+        self.synced_seq = self.segments[-1].last_seq if self.segments else self.synced_seq
         self._last_sync_ms = self.clock.monotonic_ms()
 
     def close(self):
@@ -507,7 +528,9 @@ class Journal:
                 log.error("journal: cannot delete %s (%s)" % (segment.name, error))
                 self.segments.insert(0, segment)
                 return
-        if self.total_bytes <= self.max_bytes - self.reserve_bytes and "journal_full" in self.alarms:
+        # Clear with a margin, so the alarm does not flap at the bound.
+        if "journal_full" in self.alarms and \
+                self.total_bytes <= (self.max_bytes - self.reserve_bytes) * 9 // 10:
             self._set_alarm("journal_full", False, {"bytes": self.total_bytes, "max_bytes": self.max_bytes})
 
     # -- capacity ----------------------------------------------------------------------
@@ -554,10 +577,9 @@ class Journal:
                 continue
             keep.append(record)
         data = b"".join(encode_record(r.type, r.seq, r.time_ms, r.payload) for r in keep)
-        temp = segment.name + ".tmp"
-        self.fs.write_atomic(temp, data)
-        self.fs.rename(temp, segment.name)
-        self.fs.sync_dir()
+        if self._handle is not None and self._handle[0] == segment.name:
+            self._close_handle()
+        self.fs.write_atomic(segment.name, data)
         self.dropped_records += len(folded) - 1
         segment.size = len(data)
         segment.droppable = 1
@@ -647,6 +669,13 @@ class Journal:
                 return index, 0
         return len(self.segments), 0
 
+    def publishable_seq(self):
+        """Highest seq the forwarder may publish: on disk, or held in memory after a disk
+        error (those must still reach the backend)."""
+        if self.pending:
+            return self.next_seq - 1
+        return self.synced_seq
+
     def stats(self):
         return {
             "segments": len(self.segments),
@@ -662,10 +691,24 @@ class Journal:
         }
 
 
+def _seq_ranges(seqs):
+    """Sorted seqs as [[first, last], ...] runs."""
+    ranges = []
+    for seq in sorted(seqs):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1][1] = seq
+        else:
+            ranges.append([seq, seq])
+    return ranges
+
+
 def _summary_of(records):
-    """The payload of a summary record standing for ``records`` (aggregates or summaries)."""
+    """The payload of a summary record standing for ``records`` (aggregates or summaries).
+
+    ``covers_seq`` lists exactly the folded sequence numbers as [first, last] runs: the
+    session records and events kept between them are not covered."""
     count = 0
-    first_seq = records[0].seq
+    covered = []
     last_seq = records[-1].seq
     start = None
     end = None
@@ -680,10 +723,12 @@ def _summary_of(records):
             continue
         if record.type == SUMMARY:
             count += doc.get("aggregates", 0)
-            first_seq = min(first_seq, doc.get("covers_seq", [first_seq])[0])
+            for first, last in doc.get("covers_seq", []):
+                covered.extend(range(first, last + 1))
             weight = doc.get("aggregates", 0)
         else:
             count += 1
+            covered.append(record.seq)
             weight = 1
         if start is None or (doc.get("start") and doc["start"] < start):
             start = doc.get("start")
@@ -709,12 +754,11 @@ def _summary_of(records):
         "seq": last_seq,
         "station": station,
         "kind": "summary",
-        "covers_seq": [first_seq, last_seq],
+        "covers_seq": _seq_ranges(covered),
         "aggregates": count,
         "start": start,
         "end": end,
         "power_total_w": {"min": power_min, "avg": round(power_sum / power_n, 1) if power_n else None,
                           "max": power_max},
-        "reason": "journal near its bound: aggregates folded",
     }
     return json.dumps(body).encode()
