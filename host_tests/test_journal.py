@@ -920,3 +920,31 @@ if __name__ == "__main__" and sys.argv[1:2] == ["fsize-scenario"]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
     print(json.dumps(_fill_disk_scenario(sys.argv[2], _lift, segment_bytes=1 << 20)))
+
+
+def test_alarm_listener_that_journals_events_never_duplicates_a_seq(tmp_path):
+    """The agent journals an event for every alarm, from inside the alarm callback. An
+    alarm raised in the middle of an append (journal_full while folding, disk_error while
+    writing) must not let that event take the sequence number the append is about to use."""
+    holder = {}
+    events = []
+
+    def on_alarm(name, active, values):
+        events.append((name, active))
+        holder["journal"].append(EVENT, event_payload(len(events)))  # as Agent.on_journal_alarm does
+
+    fs = FlakyFS(str(tmp_path))
+    j = Journal(fs, dict(CONFIG, max_bytes=6000, reserve_bytes=2000, segment_bytes=1024), Clock(), on_alarm)
+    holder["journal"] = j
+    j.recover()
+    for n in range(120):
+        j.append(SESSION if n % 3 == 0 else EVENT, session_payload(n, pad=60))
+        if n == 80:
+            fs.failing = True  # disk_error from here on, records kept in memory
+    fs.failing = False
+    assert j.retry_pending()
+    j.close()
+    assert ("journal_full", True) in events and ("disk_error", True) in events
+    seqs = [r.seq for r, _ in disk_records(tmp_path)]
+    assert seqs == list(range(1, len(seqs) + 1))  # unique and gapless on disk
+    assert len(seqs) == j.next_seq - 1

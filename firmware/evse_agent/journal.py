@@ -280,6 +280,9 @@ class Journal:
         self._cursor_saved = 0
         self._cursor_saved_ms = clock.monotonic_ms()
         self._read_pos = None  # (seq, segment name, offset after it, generation)
+        self._faults = {}  # disk operations failing now: kind -> error text
+        self._alarm_queue = []
+        self._notifying = False
         self.report = None
 
     # -- start-up --------------------------------------------------------------------
@@ -330,6 +333,7 @@ class Journal:
         report.acked = self.acked
         self.report = report
         self.delete_acked_segments()
+        self._notify()
         log.info("journal: %d segments, %d records, next seq %d, acknowledged up to %d%s%s"
                  % (report.segments, report.records, report.next_seq, report.acked,
                     ", torn tail %d bytes" % report.torn_bytes if report.torn_bytes else "",
@@ -372,12 +376,13 @@ class Journal:
             room = self._make_room(size)
         except OSError as error:
             # The disk refused the rewrite of a segment: fold nothing now.
-            self._set_alarm("disk_error", True, {"error": str(error), "pending": len(self.pending)})
+            self._fault("fold", error)
             log.error("journal: cannot fold aggregates (%s)" % error)
             room = False
         if not room:
             if not durable:
                 self.dropped_records += 1
+                self._notify()
                 return None
             # Only records that are never dropped are left: use the reserve.
             self._set_alarm("journal_full", True, {"bytes": self.total_bytes, "max_bytes": self.max_bytes})
@@ -385,13 +390,14 @@ class Journal:
         self.next_seq = seq + 1
         if self.pending:
             self.pending.append(record)  # keep order behind records the disk refused
-            return seq
-        try:
-            self._write(record, durable)
-        except OSError as error:
-            self.pending.append(record)
-            self._set_alarm("disk_error", True, {"error": str(error), "pending": len(self.pending)})
-            log.error("journal: cannot write seq %d (%s); kept in memory" % (seq, error))
+        else:
+            try:
+                self._write(record, durable)
+            except OSError as error:
+                self.pending.append(record)
+                self._fault("write", error)
+                log.error("journal: cannot write seq %d (%s); kept in memory" % (seq, error))
+        self._notify()
         return seq
 
     def _write(self, record, durable):
@@ -430,16 +436,17 @@ class Journal:
         self.bytes_written += len(frame)
 
     def retry_pending(self):
-        """Write records kept in memory after a disk error; clears the alarm when all are in."""
+        """Write records kept in memory after a disk error; True when all are on disk."""
         while self.pending:
             record = self.pending[0]
             try:
                 self._write(record, True)
             except OSError:
+                self._notify()
                 return False
             self.pending.pop(0)
-        if "disk_error" in self.alarms:
-            self._set_alarm("disk_error", False, {"pending": 0})
+        self._recovered("write")
+        self._notify()
         return True
 
     def _append_handle(self, segment):
@@ -482,6 +489,7 @@ class Journal:
             self.save_cursor()
         if self.pending:
             self.retry_pending()
+        self._notify()
 
     def sync(self):
         """fsync what was written since the last sync."""
@@ -489,8 +497,9 @@ class Journal:
             try:
                 self.fs.sync_file(self._handle[1])
             except OSError as error:
-                self._set_alarm("disk_error", True, {"error": str(error)})
+                self._fault("sync", error)
                 return
+            self._recovered("sync")
         self._unsynced = False
         self.synced_seq = self.segments[-1].last_seq if self.segments else self.synced_seq
         self._last_sync_ms = self.clock.monotonic_ms()
@@ -500,6 +509,7 @@ class Journal:
         self.sync()
         self.save_cursor()
         self._close_handle()
+        self._notify()
 
     # -- acknowledgements and cleanup --------------------------------------------------
 
@@ -508,13 +518,15 @@ class Journal:
         if seq > self.acked:
             self.acked = seq
             self.delete_acked_segments()
+            self._notify()
 
     def save_cursor(self):
         try:
             self.fs.write_atomic(CURSOR_FILE, json.dumps({"acked": self.acked}).encode())
         except OSError as error:
-            self._set_alarm("disk_error", True, {"error": str(error)})
+            self._fault("cursor", error)
             return
+        self._recovered("cursor")
         self._cursor_saved = self.acked
         self._cursor_saved_ms = self.clock.monotonic_ms()
 
@@ -588,6 +600,17 @@ class Journal:
         log.warning("journal: near its bound, folded %d aggregates (seq %d..%d) of %s into one summary"
                     % (len(folded), folded[0].seq, last_folded, segment.name))
 
+    def _fault(self, kind, error):
+        """A disk operation of ``kind`` (write, fold, sync, cursor) failed."""
+        self._faults[kind] = str(error)
+        self._set_alarm("disk_error", True, {"error": str(error), "failing": sorted(self._faults),
+                                             "pending": len(self.pending)})
+
+    def _recovered(self, kind):
+        """A disk operation of ``kind`` worked again; the alarm ends when none is failing."""
+        if self._faults.pop(kind, None) is not None and not self._faults:
+            self._set_alarm("disk_error", False, {"pending": len(self.pending)})
+
     def _set_alarm(self, name, active, values):
         was = name in self.alarms
         if active == was:
@@ -598,8 +621,22 @@ class Journal:
             self.alarms[name] = values
         else:
             del self.alarms[name]
-        if self.alarm is not None:
-            self.alarm(name, active, values)
+        # Told later (_notify): the listener journals an event, which must not happen in
+        # the middle of an append that has not yet taken its own sequence number.
+        self._alarm_queue.append((name, active, values))
+
+    def _notify(self):
+        """Tell the alarm listener what changed, once the journal is consistent again."""
+        if self._notifying:
+            return
+        self._notifying = True
+        try:
+            while self._alarm_queue:
+                name, active, values = self._alarm_queue.pop(0)
+                if self.alarm is not None:
+                    self.alarm(name, active, values)
+        finally:
+            self._notifying = False
 
     # -- reading -----------------------------------------------------------------------
 
@@ -630,8 +667,13 @@ class Journal:
 
     def _frames(self, segment, offset):
         """(record, offset after it) for each valid frame of ``segment`` from ``offset``,
-        read in chunks; damaged stretches are skipped as ``scan`` does."""
-        chunk = READ_CHUNK
+        read in chunks; damaged stretches are skipped as ``scan`` does.
+
+        The chunk size is the file system object's ``read_chunk`` if it has one (the
+        MicroPython port asks for small reads: one large buffer is hard to find in a small,
+        fragmented heap); a frame longer than a chunk is read whole on its own."""
+        read_chunk = getattr(self.fs, "read_chunk", READ_CHUNK)
+        chunk = read_chunk
         while offset < segment.size:
             data = self.fs.read_from(segment.name, offset, min(chunk, segment.size - offset))
             if not data:
@@ -654,7 +696,12 @@ class Journal:
                         return
                     pos += resync
                     break
-            chunk = READ_CHUNK if pos else HEADER_BYTES + MAX_PAYLOAD + TRAILER_BYTES
+            if pos:
+                chunk = read_chunk
+            elif len(data) >= HEADER_BYTES and data[0:2] == MAGIC:
+                chunk = HEADER_BYTES + _get(data, 2, 4) + TRAILER_BYTES  # exactly this frame
+            else:
+                chunk = HEADER_BYTES + MAX_PAYLOAD + TRAILER_BYTES
             offset += pos
 
     def _locate(self, seq):
