@@ -21,25 +21,11 @@ from evse_agent.ports.cpython.fs import FileSystem
 from evse_agent.ports.cpython.signer import FileKeySigner
 from evse_tools import journal_tool
 from evse_tools.consumer import SequenceTracker
+from test_journal import EPOCH, Clock
 
-EPOCH = 1795589401.0  # 2026-11-25T06:50:01Z
 CONFIG = {"max_bytes": 1 << 20, "reserve_bytes": 4096, "segment_bytes": 64 * 1024,
           "sync_interval_s": 30.0, "cursor_sync_s": 5.0}
 TOOL = os.path.join(os.path.dirname(sys.executable), "evse-journal")
-
-
-class Clock:
-    def __init__(self):
-        self.ms = 1_000_000
-
-    def monotonic_ms(self):
-        return self.ms
-
-    def time(self):
-        return EPOCH + self.ms / 1000
-
-    def advance(self, seconds):
-        self.ms += int(seconds * 1000)
 
 
 def open_journal(root, clock=None, **config):

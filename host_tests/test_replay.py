@@ -12,26 +12,11 @@ from evse_agent.messages import Outbox, Topics
 from evse_agent.ports.cpython.fs import FileSystem
 from evse_agent.ports.cpython.mqtt import MqttPublisher
 from evse_agent.reading import Reading
+from evse_tools.bench import FastClock
 from evse_tools.consumer import SequenceTracker
 from evse_tools.subscriber import Collector
 
 DAY_S = 24 * 3600
-
-
-class FastClock:
-    """Wall time that the test moves forward; monotonic time follows it."""
-
-    def __init__(self, start):
-        self.now = start
-
-    def time(self):
-        return self.now
-
-    def monotonic_ms(self):
-        return int(self.now * 1000)
-
-    def synced(self):
-        return True
 
 
 def _config(broker, journal_dir):
@@ -45,7 +30,7 @@ def _config(broker, journal_dir):
 
 def test_a_day_of_aggregates_recorded_offline_replays_completely(broker, tmp_path):
     config = _config(broker, tmp_path / "journal")
-    clock = FastClock(1790000000.0)
+    clock = FastClock()
     journal = Journal(FileSystem(config["journal"]["dir"]), config["journal"], clock)
     journal.recover()
     topics = Topics("evse", "replay-1")
