@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -93,6 +94,15 @@ class AgentProcess:
 
     def log(self):
         return "\n".join(self.stderr)
+
+    def wait_for_log(self, text, timeout_s=10):
+        """True once ``text`` appears in the agent's log (lines arrive through a pipe)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return True
+            time.sleep(0.05)
+        return False
 
 
 @pytest.fixture

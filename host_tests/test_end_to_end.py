@@ -116,8 +116,11 @@ def test_agent_keeps_polling_while_broker_is_down_and_reconnects(broker, collect
         assert again.wait_for(lambda m: m.topic.endswith("/telemetry"), timeout_s=15), agent.log()
     finally:
         again.close()
-    assert "MQTT disconnected" in agent.log()
-    assert agent.log().count("MQTT connected") >= 2
+    assert agent.wait_for_log("MQTT disconnected"), agent.log()
+    deadline = time.monotonic() + 10
+    while agent.log().count("MQTT connected") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.log().count("MQTT connected") >= 2, agent.log()
 
 
 @pytest.mark.parametrize("model_name", ["sdm120", "abb_b23"])

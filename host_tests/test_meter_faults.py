@@ -43,7 +43,7 @@ def test_fault_is_reported_and_the_agent_recovers(broker, collector, meter_sim, 
         assert counters["retries"] >= 1
     if fault == "crc":
         assert counters["crc_errors"] >= 2
-    assert "offline" in agent.log()
+    assert agent.wait_for_log("offline"), agent.log()
     telemetry_during_fault = len(collector.on("telemetry"))
 
     sim.set_fault(None)
