@@ -624,3 +624,26 @@ def test_a_finished_session_is_not_continued_after_a_restart(tmp_path):
     requests = st.requests
     assert st.start_engine() is None
     assert st.engine.ending == [] and st.requests == requests
+
+
+def test_charging_time_before_and_during_a_restart_is_kept(tmp_path):
+    """Charging 60 s, the agent is down 30 s while the car charges on, then 20 s more: the
+    session reports 110 s of charging (the period survives the restart in wall-clock time)."""
+    station = Station(tmp_path)
+    station.unplugged()
+    station.idle(1)
+    station.plugged()
+    station.idle(1)
+    station.charging()
+    station.flow(60)
+    station.flow(30, read=False)  # nobody is watching
+    station.start_engine()
+    station.charging()
+    station.flow(20)
+    station.paused()
+    station.idle(1)
+    station.unplugged()
+    end = station.sessions("end")[-1]
+    assert "agent_restarted" in end["flags"]
+    assert end["charging_s"] == pytest.approx(110, abs=1)
+    assert end["energy_wh"] == 110 * 3

@@ -45,8 +45,9 @@ class Session:
     """One plug-in to unplug. Plain data, saved as a dict while open."""
 
     __slots__ = ("id", "number", "plug_in_time", "unplug_time", "segments", "charging_ms",
-                 "period", "period_start_ms", "max_power_w", "max_current_a", "events",
-                 "flags", "documents", "pending", "last_reading", "fiscal_due_ms", "advertised_a")
+                 "period", "period_start_ms", "period_start_time", "max_power_w", "max_current_a",
+                 "events", "flags", "documents", "pending", "last_reading", "fiscal_due_ms",
+                 "advertised_a")
 
     def __init__(self, number, session_id, plug_in_time, phases):
         self.id = session_id
@@ -57,6 +58,7 @@ class Session:
         self.charging_ms = 0
         self.period = "idle"
         self.period_start_ms = None
+        self.period_start_time = None  # wall clock: survives a restart, unlike monotonic time
         self.max_power_w = None
         self.max_current_a = [None] * phases
         self.events = []
@@ -89,7 +91,7 @@ class Session:
             "id": self.id, "number": self.number, "plug_in_time": self.plug_in_time,
             "unplug_time": self.unplug_time, "segments": self.segments,
             "charging_ms": self.charging_ms, "period": self.period,
-            "max_power_w": self.max_power_w, "max_current_a": self.max_current_a,
+            "period_start_time": self.period_start_time, "max_power_w": self.max_power_w, "max_current_a": self.max_current_a,
             "events": self.events, "flags": self.flags, "documents": self.documents,
             "pending": self.pending, "last_reading": self.last_reading,
             "advertised_a": self.advertised_a,
@@ -102,6 +104,7 @@ class Session:
                      "max_current_a", "events", "flags", "documents", "pending",
                      "last_reading", "advertised_a"):
             setattr(session, name, doc[name])
+        session.period_start_time = doc.get("period_start_time")
         return session
 
 
@@ -147,7 +150,12 @@ class SessionEngine:
             log.error("open session file is not a session (%s); starting without it" % error)
             return None
         session.flag("agent_restarted")
-        session.period_start_ms = self.clock.monotonic_ms() if session.period == "charging" else None
+        session.period_start_ms = None
+        if session.period == "charging" and session.period_start_time is not None:
+            # The charging period that was running continues; the time the agent was down
+            # counts as charging (the inputs will say at once whether it still is).
+            elapsed_ms = int(max(0.0, self.clock.time() - session.period_start_time) * 1000)
+            session.period_start_ms = self.clock.monotonic_ms() - elapsed_ms
         if session.unplug_time is not None:
             self.ending.append(session)
             self.request_reading()
@@ -216,6 +224,7 @@ class SessionEngine:
         if charging and session.period != "charging":
             session.period = "charging"
             session.period_start_ms = now_ms
+            session.period_start_time = self.clock.time()
             if not session.segments and session.pending is None:
                 self._want(session, "begin")  # begin_at == "charge": first charge
             if self.fiscal_ms and session.fiscal_due_ms is None:
@@ -230,6 +239,7 @@ class SessionEngine:
         if session.period_start_ms is not None:
             session.charging_ms += now_ms - session.period_start_ms
         session.period_start_ms = None
+        session.period_start_time = None
 
     def _unplug(self, session, now_ms):
         self._close_period(session, now_ms)
