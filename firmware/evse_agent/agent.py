@@ -6,7 +6,8 @@ One asyncio task per concern (STYLE: micropython-async):
   fresh reading (plug-in, unplug);
 - the input monitor samples pilot and contactor lines and reports debounced changes;
 - the supervisor runs the time-based safety checks a few times per second;
-- the forwarder replays the journal to the broker, paced by acknowledgements.
+- the forwarder replays the journal to the broker, paced by acknowledgements;
+- the technician console (``console``, if the board has one) serves its serial line.
 
 Everything leaves through the outbox: session records, events and telemetry aggregates
 are journaled first; live telemetry and state go out at once. ``on_reading`` lets the
@@ -21,6 +22,11 @@ from .journal import AGGREGATE, EVENT, SESSION
 from .messages import Topics, iso_utc, meter_status_doc, telemetry_doc
 
 SUPERVISOR_MS = 100
+
+# Settings the running agent takes into use at once (with every ``events.*`` threshold).
+LIVE_SETTINGS = ("description", "meter.poll_interval_s", "meter.timeout_ms", "meter.retries",
+                 "mqtt.telemetry_interval_s", "mqtt.status_interval_s", "journal.sync_interval_s",
+                 "journal.cursor_sync_s", "journal.window")
 
 
 def event_doc(event):
@@ -51,6 +57,8 @@ class Agent:
         self.monitor = monitor
         self.forwarder = forwarder
         self.on_reading = on_reading
+        self.console = None
+        self.started_ms = clock.monotonic_ms()
         self.aggregator = Aggregator(config["journal"]["aggregate_interval_s"], meter.model.phases)
         self.topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
         self.latest = None
@@ -96,6 +104,42 @@ class Agent:
         if self.engine is not None:
             self.engine.on_inputs(inputs, now_ms)
 
+    @staticmethod
+    def live_setting(path):
+        """True for the board settings ``apply_setting`` takes into use at once."""
+        return path in LIVE_SETTINGS or path.startswith("events.")
+
+    def apply_setting(self, path, value):
+        """Take a changed board setting into use now, if that is safe: poll, telemetry and
+        journal intervals, Modbus timeout and retries, event thresholds. False when the
+        setting needs a restart."""
+        if not self.live_setting(path):
+            return False
+        journal = self.outbox.journal
+        if path == "meter.poll_interval_s":
+            self._poll_ms = int(value * 1000)
+        elif path == "meter.timeout_ms":
+            self.meter.master.timeout_ms = value
+        elif path == "meter.retries":
+            self.meter.master.retries = value
+        elif path == "mqtt.telemetry_interval_s":
+            self._telemetry_ms = int(value * 1000)
+        elif path == "mqtt.status_interval_s":
+            self._status_ms = int(value * 1000)
+        elif path == "journal.sync_interval_s":
+            journal.sync_ms = int(value * 1000)
+        elif path == "journal.cursor_sync_s":
+            journal.cursor_sync_ms = int(value * 1000)
+        elif path == "journal.window" and self.forwarder is not None:
+            self.forwarder.window = value
+        # The power monitor reads its thresholds from this same config on every check.
+        section = self.config
+        parts = path.split(".")
+        for part in parts[:-1]:
+            section = section[part]
+        section[parts[-1]] = value
+        return True
+
     def stop(self):
         """Ask the loops to finish after the current cycle."""
         self._stopping = True
@@ -116,6 +160,8 @@ class Agent:
             tasks.append(asyncio.create_task(self._supervisor()))
         if self.forwarder is not None:
             tasks.append(asyncio.create_task(self.forwarder.run()))
+        if self.console is not None:
+            tasks.append(asyncio.create_task(self.console.run()))
         try:
             await tasks[0]
         finally:

@@ -4,7 +4,7 @@ A board file is JSON describing one charger controller: station id, the meter's 
 line and model, and MQTT settings. ``load_board`` / ``validate`` fill defaults and refuse a
 broken file with a ``ConfigError`` that names the field and the bad value, so a technician
 can fix it without reading code. The same schema serves command-line overrides
-(``apply_override``) and, later, the console's ``config set``.
+(``apply_override``) and the technician console's ``config set``.
 """
 
 import json
@@ -61,6 +61,21 @@ def _gpio_lines(count):
 
 
 _BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+
+_HEX = "0123456789abcdef"
+
+
+def _pin_hash(value):
+    """Check for ``sha256:<salt hex>:<64 hex digits>``, as ``evse-agent --pin-hash`` prints."""
+    parts = value.split(":")
+    if len(parts) != 3 or parts[0] != "sha256":
+        return "is not of the form sha256:<salt hex>:<hash hex> (make one with evse-agent --pin-hash)"
+    salt, digest = parts[1], parts[2]
+    if len(salt) < 8 or len(salt) % 2 or any(ch not in _HEX for ch in salt):
+        return "has a salt that is not an even number (8 or more) of lower-case hex digits"
+    if len(digest) != 64 or any(ch not in _HEX for ch in digest):
+        return "has a hash that is not 64 lower-case hex digits"
+    return None
 
 SCHEMA = {
     "description": Field(str, "", help="free text for people reading the file"),
@@ -175,6 +190,19 @@ SCHEMA = {
             "key_file": Field(str, None, nullable=True, help="client key"),
             "insecure": Field(bool, False, help="skip host name check (testing only)"),
         },
+    },
+    "console": {
+        "port": Field(str, None, nullable=True,
+                      help='serial device of the technician console; "pty" makes a '
+                           'pseudo-terminal (host); null: no console'),
+        "baudrate": Field(int, 115200, choices=_BAUDRATES, help="console line speed (8N1)"),
+        "pty_link": Field(str, "run/console.pty", nullable=True,
+                          help='with port "pty": symlink to the pseudo-terminal to connect to'),
+        "pin_hash": Field(str, None, nullable=True, check=_pin_hash,
+                          help="hash of the unlock PIN (evse-agent --pin-hash); null: no unlock"),
+        "lock_after_s": Field(float, 300.0, minimum=1, maximum=86400,
+                              help="lock again after this long without input"),
+        "max_line": Field(int, 256, minimum=32, maximum=4096, help="longest input line, in bytes"),
     },
 }
 

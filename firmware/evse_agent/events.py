@@ -18,7 +18,8 @@ Conditions watched:
 - ``contactor_failed_to_close``: command closed, no feedback within contactor_check_ms;
 - ``pilot_error`` (state E) and ``evse_unavailable`` (state F);
 - ``meter_offline``: the meter link is declared offline;
-- ``journal_full`` and ``disk_error``: alarms of the journal (``alarm``).
+- ``journal_full`` and ``disk_error``: alarms of the journal (``alarm``);
+- ``console_unlock_failed``: a wrong PIN on the technician console (``notice``).
 """
 
 INFO = "info"
@@ -38,6 +39,7 @@ SEVERITY = {
     "meter_offline": WARNING,
     "journal_full": CRITICAL,
     "disk_error": CRITICAL,
+    "console_unlock_failed": WARNING,
 }
 
 
@@ -180,6 +182,10 @@ class PowerMonitor:
             self._raise(type_, values)
         else:
             self._clear(type_, values)
+
+    def notice(self, type_, values):
+        """A one-shot event of another part of the agent (the console's failed unlock)."""
+        self._once(type_, values)
 
     def on_meter_link(self, online, last_error):
         if online:

@@ -1,11 +1,13 @@
 """``evse-agent``: run the agent on a Linux controller (or the host simulator board).
 
-Usage: ``evse-agent --board boards/sim.json [--set meter.port=/dev/pts/3] [--duration 30]``
+Usage: ``evse-agent --board boards/sim.json [--set meter.port=/dev/pts/3] [--duration 30]``;
+``evse-agent --pin-hash 1234`` prints the ``console.pin_hash`` for a console PIN.
 """
 
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -13,6 +15,7 @@ import time
 from ... import __version__, log
 from ...agent import Agent
 from ...config import ConfigError, apply_override, validate
+from ...console import pin_hash
 from ...events import PowerMonitor
 from ...forwarder import Forwarder
 from ...journal import Journal
@@ -25,6 +28,7 @@ from ...reading import summary_line
 from ...session import SessionEngine
 from ...store import StateStore
 from .clock import SystemClock
+from .console_port import attach_console
 from .fs import FileSystem
 from .mqtt import MqttPublisher
 from .serial_link import SerialStream
@@ -119,7 +123,7 @@ async def _run(agent, publisher, duration_s):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="evse-agent", description=__doc__.splitlines()[0])
-    parser.add_argument("--board", required=True, help="board file (JSON), e.g. boards/sim.json")
+    parser.add_argument("--board", help="board file (JSON), e.g. boards/sim.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one board setting (repeatable)")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
@@ -127,8 +131,14 @@ def main(argv=None):
     parser.add_argument("--verbose", action="store_true", help="log debug lines (each failed poll)")
     parser.add_argument("--public-key", action="store_true",
                         help="print the station's OCMF public key (hex DER; created if missing) and exit")
+    parser.add_argument("--pin-hash", metavar="PIN",
+                        help="print the console.pin_hash value for a console PIN and exit ('-': read it from stdin)")
     parser.add_argument("--version", action="version", version="evse-agent " + __version__)
     args = parser.parse_args(argv)
+    if args.pin_hash is not None:
+        return _print_pin_hash(args.pin_hash)
+    if args.board is None:
+        parser.error("the following arguments are required: --board")
     log.set_sink(_stderr_sink, log.DEBUG if args.verbose else log.INFO)
     try:
         config = load_config(args.board, args.overrides)
@@ -148,6 +158,18 @@ def main(argv=None):
     except (OSError, ValueError) as error:
         sys.stderr.write("evse-agent: refusing to start: %s\n" % error)
         return 1
+    restart = []
+    console = None
+
+    def request_restart():
+        restart.append(True)
+        agent.stop()
+
+    try:
+        console = attach_console(agent, args.board, args.overrides, request_restart)
+    except (OSError, ValueError) as error:
+        sys.stderr.write("evse-agent: refusing to start: %s\n" % error)
+        return 1
     log.info("evse-agent %s station %s: meter %s unit %d on %s, broker %s:%d" % (
         __version__, config["station_id"], config["meter"]["model"], config["meter"]["unit_id"],
         config["meter"]["port"], config["mqtt"]["host"], config["mqtt"]["port"]))
@@ -158,6 +180,25 @@ def main(argv=None):
         journal.close()
         publisher.stop()
         stream.close()
+        if console is not None:
+            console.close()
+    if restart:
+        # The console's restart: the same interpreter, options and arguments again.
+        log.warning("restarting: %s" % " ".join(sys.orig_argv))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, sys.orig_argv)
+    return 0
+
+
+def _print_pin_hash(pin):
+    if pin == "-":
+        pin = sys.stdin.readline().rstrip("\r\n")
+    try:
+        print(pin_hash(pin, os.urandom(8)))
+    except ValueError as error:
+        sys.stderr.write("evse-agent: %s\n" % error)
+        return 2
     return 0
 
 

@@ -7,6 +7,8 @@ loop in its own thread and resends unacknowledged QoS 1 messages after a reconne
 and connection change.
 """
 
+import asyncio
+import os
 import ssl
 import threading
 import time
@@ -82,6 +84,40 @@ class MqttPublisher:
         if info.rc == paho.MQTT_ERR_SUCCESS:
             return info.mid
         return None
+
+    async def round_trip(self, topic, timeout_s):
+        """Publish a probe on ``topic`` and receive it back through this client's own
+        subscription (the console's selftest); returns the milliseconds it took. Raises
+        OSError saying what failed."""
+        if not self.connected:
+            raise OSError("not connected to the broker (%s)" % (self.last_error or "no answer yet"))
+        loop = asyncio.get_running_loop()
+        received = loop.create_future()
+        probe = os.urandom(8).hex().encode()
+
+        def on_message(client, userdata, message):
+            if message.payload == probe:
+                loop.call_soon_threadsafe(lambda: received.done() or received.set_result(None))
+
+        client = self.client
+        client.message_callback_add(topic, on_message)
+        started = time.monotonic()
+        try:
+            # The broker handles a client's packets in order: the subscription is in place
+            # before the probe arrives.
+            result, _ = client.subscribe(topic, qos=1)
+            if result != paho.MQTT_ERR_SUCCESS:
+                raise OSError("subscribe refused: %s" % paho.error_string(result))
+            info = client.publish(topic, probe, qos=1)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise OSError("publish refused: %s" % paho.error_string(info.rc))
+            await asyncio.wait_for(received, timeout_s)
+        except asyncio.TimeoutError:
+            raise OSError("the probe did not come back within %.0f s" % timeout_s)
+        finally:
+            client.message_callback_remove(topic)
+            client.unsubscribe(topic)
+        return int((time.monotonic() - started) * 1000)
 
     def drain_acked(self):
         """Tokens of the QoS 1 messages the broker acknowledged since the last call."""

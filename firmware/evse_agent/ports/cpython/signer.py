@@ -6,7 +6,7 @@ public key handed to operators and verifiers stays the same for the station's li
 
 import os
 
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -20,8 +20,9 @@ class KeyFileError(ValueError):
 class FileKeySigner:
     """ECDSA P-256 / SHA-256 signer over the private key stored at ``path``.
 
-    Offers what ``ocmf.sign_document`` needs: ``sign(data)`` -> DER signature bytes, and
-    ``public_key_hex()`` (hex of the DER SubjectPublicKeyInfo) to publish for verifiers.
+    Offers what ``ocmf.sign_document`` needs: ``sign(data)`` -> DER signature bytes,
+    ``verify(data, signature)`` for the console's checks, and ``public_key_hex()`` (hex of
+    the DER SubjectPublicKeyInfo) to publish for verifiers.
     """
 
     def __init__(self, path):
@@ -84,6 +85,14 @@ class FileKeySigner:
     def sign(self, data):
         """DER-encoded ECDSA signature of ``data`` (bytes), hashed with SHA-256."""
         return self._key.sign(bytes(data), ec.ECDSA(hashes.SHA256()))
+
+    def verify(self, data, signature):
+        """True if ``signature`` (DER) is this key's signature of ``data``."""
+        try:
+            self._key.public_key().verify(bytes(signature), bytes(data), ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            return False
+        return True
 
     def public_key_der(self):
         """The public key as DER SubjectPublicKeyInfo bytes."""

@@ -1,0 +1,521 @@
+"""Technician console: the line editor and lock on bytes, then the running agent's console
+driven over its real pseudo-terminal with pexpect — each command's output, the lock, a
+restart, and 10,000 random lines after which the agent still polls and publishes.
+"""
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pexpect
+import pexpect.fdpexpect
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT, SIM_BOARD
+from evse_agent.config import ConfigError, validate
+from evse_agent.console import CommandError, Console, LineEditor, PinLock, match, pin_hash, pin_matches
+from evse_agent.journal import AGGREGATE, EVENT, Journal, scan
+from evse_agent.messages import Outbox, iso_utc
+from evse_agent.ports.cpython.fs import FileSystem
+from evse_tools.vehicle_sim import VehicleSim
+from test_sessions import FAST, public_key, verify_ocmf
+
+SIM_PIN = "1234"  # boards/sim.json's console.pin_hash is this PIN's
+PROMPT = r"\r\nsim-001[>#] "
+
+
+# -- the line editor, the matcher and the lock, on bytes ----------------------------------
+
+
+def feed(editor, data):
+    """Every finished line (text, problem) from ``data``."""
+    out = []
+    for byte in data:
+        item = editor.push(byte)
+        if item is not None:
+            out.append(item)
+    return out
+
+
+def texts(data, max_line=256):
+    return [text for text, _ in feed(LineEditor(max_line), data)]
+
+
+def test_line_endings_of_every_terminal_program():
+    """CR, LF, CRLF and CR NUL each end exactly one line; a lone CR then LF is still one."""
+    assert texts(b"status\r") == ["status"]
+    assert texts(b"status\n") == ["status"]
+    assert texts(b"status\r\nmeter\r\n") == ["status", "meter"]
+    assert texts(b"status\r\x00meter\r\x00") == ["status", "meter"]
+    assert texts(b"a\r\rb\n\n") == ["a", "", "b", ""]
+
+
+def test_editing_keys_and_noise():
+    """Backspace and DEL erase a character (a whole UTF-8 one); arrow keys, other control
+    bytes, C1 controls and invalid UTF-8 never reach the line; Ctrl-C forgets it."""
+    editor = LineEditor()
+    assert feed(editor, b"statx\x08us\r") == [("status", None)]
+    assert bytes(editor.echo) == b"statx\x08 \x08us\n"
+    assert texts(b"mete\x7fer\r") == ["meter"]
+    assert texts("caf\u00e9\x7f\x7fe\r".encode()) == ["cae"]
+    assert texts(b"\x1b[A\x1b[1;5Cst\x1bOBatus\x01\x02\x07\r") == ["status"]
+    assert texts(b"log\t5\r") == ["log 5"]
+    assert texts(b"a\xc2\x9bb\xff\xc0\xaf\xed\xa0\x80\xe2\x82c\r") == ["abc"]  # C1, invalid, overlong, surrogate, cut
+    assert texts("\u20ac \U0001F50C\r".encode()) == ["\u20ac \U0001F50C"]
+    assert texts(b"restart\x03status\r") == ["", "status"]
+    assert texts(b"x\x1b\rstatus\r") == ["x", "status"]  # an escape cut short by Enter
+
+
+def test_a_line_too_long_is_refused_whole_and_the_next_one_works():
+    editor = LineEditor(max_line=32)
+    items = feed(editor, b"x" * 40 + b"\x08" * 10 + b"\rstatus\r")
+    assert items == [(None, "line longer than 32 bytes; ignored"), ("status", None)]
+    assert b"\x07" in editor.echo
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_any_bytes_give_only_clean_short_lines(data):
+    """Whatever arrives, the editor never fails and every line is printable text that fits."""
+    editor = LineEditor(max_line=64)
+    for text, problem in feed(editor, data):
+        if problem is not None:
+            assert text is None and "64" in problem
+            continue
+        assert len(text.encode()) <= 64
+        assert all(ord(ch) >= 0x20 and not 0x7F <= ord(ch) <= 0x9F for ch in text), repr(text)
+    assert all(b >= 0x20 or b in (0x07, 0x08, 0x0A) for b in editor.echo)
+
+
+def test_commands_abbreviate_where_unambiguous():
+    names = ("status", "session", "sessions", "selftest", "meter")
+    assert match("st", names) == "status"
+    assert match("METER", names) == "meter"
+    assert match("session", names) == "session"  # exact beats the longer name
+    assert match("sessions", names) == "sessions"
+    with pytest.raises(CommandError, match="ambiguous command 'se': could be session, sessions, selftest"):
+        match("se", names)
+    with pytest.raises(CommandError, match="unknown command 'x'"):
+        match("x", names)
+
+
+def test_pin_hash_and_lock():
+    """The hash is salted, checked by the board schema, and a wrong PIN doubles the wait."""
+    stored = pin_hash("2468", b"\x01" * 8)
+    assert stored.startswith("sha256:0101010101010101:") and len(stored.split(":")[2]) == 64
+    assert pin_hash("2468", b"\x02" * 8) != stored
+    assert pin_matches("2468", stored) and not pin_matches("2469", stored)
+    doc = {"station_id": "s", "meter": {"model": "sdm630", "port": "/dev/x"}, "console": {"pin_hash": stored}}
+    assert validate(doc)["console"]["pin_hash"] == stored
+    doc["console"]["pin_hash"] = "sha256:zz:12"
+    with pytest.raises(ConfigError, match="console.pin_hash"):
+        validate(doc)
+    lock = PinLock(stored, lock_after_s=10, now_ms=0)
+    assert not lock.try_pin("0000", 0) and lock.wait_s(0) == 1
+    assert not lock.try_pin("0000", 1000) and lock.wait_s(1000) == 2
+    assert not lock.try_pin("0000", 3000) and lock.wait_s(3000) == 4
+    assert lock.try_pin("2468", 7000) and lock.unlocked and lock.failures == 0
+    assert not lock.expire(16999) and lock.expire(17000) and not lock.unlocked
+
+
+def test_pin_hash_command_line():
+    """``evse-agent --pin-hash`` prints a value the board file takes; a bad PIN is refused."""
+    run = [sys.executable, "-m", "evse_agent.ports.cpython.main", "--pin-hash"]
+    result = subprocess.run(run + ["2468"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert pin_matches("2468", result.stdout.strip())
+    result = subprocess.run(run + ["-"], input="97531\n", capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert pin_matches("97531", result.stdout.strip())
+    result = subprocess.run(run + ["12"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 2 and "a PIN has 4 to 32 characters, this one 2" in result.stderr
+
+
+class Capture:
+    """A console stream that keeps what is written."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data.extend(data)
+
+    def text(self):
+        text = self.data.decode()
+        self.data = bytearray()
+        return text
+
+
+class StepClock:
+    def __init__(self):
+        self.ms = 0
+
+    def monotonic_ms(self):
+        return self.ms
+
+    def time(self):
+        return 1795000000 + self.ms / 1000
+
+    def synced(self):
+        return True
+
+
+def test_journal_verify_accepts_folded_aggregates_and_names_damage(tmp_path):
+    """Gaps a summary covers are fine; a damaged record is reported with the seq it took."""
+    config = validate({"station_id": "s-1", "meter": {"model": "sdm630", "port": "/dev/null"},
+                       "journal": {"dir": str(tmp_path), "max_bytes": 65536, "reserve_bytes": 4096,
+                                   "segment_bytes": 4096}})
+    clock = StepClock()
+    journal = Journal(FileSystem(str(tmp_path)), config["journal"], clock)
+    journal.recover()
+    outbox = Outbox(None, "s-1", journal)
+    for i in range(600):
+        clock.ms += 10000
+        outbox.record(AGGREGATE, {"start": iso_utc(clock.time() - 10), "end": iso_utc(clock.time()),
+                                  "power_total_w": {"min": i, "avg": i, "max": i}, "pad": "x" * 100})
+        if i % 100 == 0:
+            outbox.record(EVENT, {"type": "power_drop", "number": i})
+    assert journal.dropped_records > 0  # aggregates were folded into summaries
+    agent = SimpleNamespace(config=config, clock=clock, outbox=outbox, engine=None, monitor=None, forwarder=None)
+    stream = Capture()
+    console = Console(agent, stream)
+    asyncio.run(console._line("journal verify", None))
+    report = stream.text()
+    assert re.search(r"^journal verify: \d+ record\(s\), seq \d+\.\.%d, signatures not checked: ok$"
+                     % (journal.next_seq - 1), report, re.M), report
+    segment = journal.segments[-3]
+    records, _, _ = scan(journal.fs.read(segment.name))
+    victim = records[1]
+    with open(os.path.join(str(tmp_path), segment.name), "r+b") as handle:
+        handle.seek(victim.offset + 30)
+        handle.write(b"#")
+    asyncio.run(console._line("journal verify", None))
+    report = stream.text()
+    assert "FAIL  %s: 1 damaged stretch(es) skipped" % segment.name in report
+    assert "FAIL  seq %d missing (not covered by a summary)" % victim.seq in report
+    assert re.search(r"verify: \d+ record\(s\), .*: 2 problem\(s\)$", report, re.M)
+
+
+# -- the running agent's console over its pty ---------------------------------------------
+
+
+class Terminal:
+    """The technician's end of the agent's console pseudo-terminal, driven with pexpect."""
+
+    def __init__(self, link, timeout=10):
+        self.fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+        self.child = pexpect.fdpexpect.fdspawn(self.fd, timeout=timeout, encoding="utf-8",
+                                               codec_errors="replace", maxread=65536)
+        self.child.expect("technician console, station sim-001; type 'help'" + PROMPT)
+
+    def command(self, line, expect=PROMPT):
+        """The output of one command line (without its echo and the next prompt)."""
+        self.child.send(line + "\r")
+        self.child.expect(expect)
+        echo, _, output = self.child.before.replace("\r\n", "\n").partition("\n")
+        assert echo.endswith(line), (echo, line)
+        return output
+
+    def write(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def close(self):
+        self.child.close()
+
+
+def assert_fits(output):
+    for line in output.splitlines():
+        assert len(line) <= 80, line
+
+
+class ConsoleStation:
+    """Meter simulator, vehicle, agent (on a private copy of the sim board) and the console."""
+
+    def __init__(self, broker, collector, meter_sim, agent_process, station_dir, *extra):
+        station_dir.mkdir(parents=True, exist_ok=True)
+        self.dir = station_dir
+        self.board = str(station_dir / "board.json")
+        shutil.copy(SIM_BOARD, self.board)
+        self.link = str(station_dir / "console.pty")
+        pin_file = str(station_dir / "pins.json")
+        self.vehicle = VehicleSim(pin_file, advertised_a=16.0)
+        self.meter = meter_sim("sdm630", pin_file=pin_file)
+        self.meter.physics.noise = False
+        self.collector = collector
+        self.agent = agent_process(broker, self.meter.device, *(FAST + ("--set", "console.pty_link=" + self.link)
+                                                                + extra), board=self.board)
+        online = collector.wait_for(lambda m: m.topic.endswith("/state") and m.body and m.body["meter_online"])
+        assert online is not None, self.agent.log()
+        self.terminal = Terminal(self.link)
+
+    def command(self, line, expect=PROMPT):
+        return self.terminal.command(line, expect)
+
+    def message(self, suffix, predicate=lambda body: True, after=0.0, timeout_s=15):
+        found = self.collector.wait_for(lambda m: m.topic.endswith("/" + suffix) and m.received > after
+                                        and predicate(m.body), timeout_s=timeout_s)
+        assert found is not None, "no %s message\n%s" % (suffix, self.agent.log())
+        return found
+
+
+@pytest.fixture
+def console_station(broker, collector, meter_sim, agent_process, station_dir):
+    made = []
+
+    def make(*extra):
+        made.append(ConsoleStation(broker, collector, meter_sim, agent_process, station_dir, *extra))
+        return made[-1]
+
+    yield make
+    for station in made:
+        station.terminal.close()
+
+
+def test_read_only_commands(console_station, station_dir):
+    """help, status, pilot, meter (watch, regs), session(s), events, journal (verify), mqtt,
+    config show/get, selftest and log answer from the agent's own objects."""
+    cs = console_station()
+    listing = cs.command("help")
+    assert_fits(listing)
+    for usage in ("status", "meter watch", "meter regs <addr> <n>", "pilot", "session show <id>", "sessions [n]",
+                  "events [n]", "journal [verify]", "mqtt", "config set <setting> <v> *", "config save", "selftest",
+                  "log [n]", "unlock [PIN]", "restart", "help [command]"):
+        assert "  " + usage in listing, usage
+    assert "03 (holding)" in cs.command("help meter r")
+    assert "error: ambiguous command 'se': could be session, sessions, selftest" in cs.command("se")
+    assert cs.command("frobnicate 1 2").strip() == "error: unknown command 'frobnicate'; 'help' lists the commands"
+    assert cs.command("status extra").strip() == "error: status takes no arguments (got 'extra')"
+
+    status = cs.command("st")
+    assert_fits(status)
+    assert re.search(r"^station +sim-001, evse-agent \d", status, re.M)
+    assert re.search(r"^pilot +A \(no vehicle\)", status, re.M)
+    assert re.search(r"^meter +online for 00:00:\d\d", status, re.M)
+    assert re.search(r"^broker +connected to 127.0.0.1:\d+", status, re.M)
+    assert re.search(r"^session +none$", status, re.M)
+    assert re.search(r"^console +locked$", status, re.M)
+
+    # A session: plug in, charge, look around, finish.
+    cs.vehicle.plug()
+    cs.message("session", lambda b: b["event"] == "begin")
+    cs.vehicle.charge()
+    time.sleep(1.2)
+    status = cs.command("status")
+    session_id = re.search(r"^session +(sim-001-\d{6}), charging, (\d+) Wh so far", status, re.M).group(1)
+    assert re.search(r"^pilot +C \(charging\), 16.0 A offered, duty 26.7 %", status, re.M)
+    assert re.search(r"^contactor +command closed, feedback closed", status, re.M)
+    pilot = cs.command("pilot")
+    assert re.search(r"^pins now +6.00 V, duty 26.7 %, command closed, feedback closed", pilot, re.M)
+    meter = cs.command("meter")
+    assert_fits(meter)
+    assert re.search(r"^current +16.000 A +16.000 A +16.000 A", meter, re.M)
+    kwh = re.search(r"^import +(\d+) Wh \((\d+\.\d{3}) kWh\)", meter, re.M)
+    assert "(open, charging)" in cs.command("session")
+
+    cs.vehicle.pause()
+    time.sleep(0.5)
+    cs.vehicle.unplug()
+    end = cs.message("session", lambda b: b["event"] == "end").body
+    assert end["session_id"] == session_id
+    sessions = cs.command("sessions")
+    assert_fits(sessions)
+    row = re.search(r"^%s +\d{4}-\d\d-\d\d \d\d:\d\d +\d\d:\d\d:\d\d +(\d+)  ended$" % session_id, sessions, re.M)
+    assert row and int(row.group(1)) == end["energy_wh"] > 0, sessions
+    shown = cs.command("session show %d" % int(session_id[-6:]))
+    assert "%s (end record, journal seq %d)" % (session_id, end["seq"]) in shown
+    assert "energy      %d Wh in 1 segment(s)" % end["energy_wh"] in shown
+    documents = [line for line in shown.splitlines() if line.startswith("OCMF|")]
+    assert documents == end["ocmf_documents"] and len(documents) == 2
+    key = public_key(station_dir)
+    assert all(verify_ocmf(document, key) for document in documents)
+    assert "error: no session 'sim-001-999999' in the journal" in cs.command("session show 999999")
+
+    journal = cs.command("journal")
+    assert re.search(r"^backlog +\d+ record\(s\) not yet acknowledged, 0 held in memory", journal, re.M)
+    verify = cs.command("journal verify")
+    # The begin record carries the begin document, the end record both.
+    assert re.search(r"journal verify: \d+ record\(s\), seq 1\.\.\d+, 3 OCMF signature\(s\) verified: ok", verify)
+    mqtt = cs.command("mqtt")
+    assert re.search(r"^link +connected \(1 connect\(s\) since start\)", mqtt, re.M)
+    assert re.search(r"^client id +evse-agent-sim-001$", mqtt, re.M)
+
+    # Raw registers: the import register's float32 is the reading's kWh.
+    regs = cs.command("meter regs 0x48 2")
+    assert "unit 1, function 04 (input registers), 2 from 0x0048:" in regs
+    value = float(re.search(r"^0x0048 +72 +[0-9A-F]{4} +\d+ +([\d.]+)$", regs, re.M).group(1))
+    assert abs(value - float(kwh.group(2))) < 0.01
+    assert cs.command("meter regs zz 2").strip() == "error: address 'zz' is not a number (decimal, or hex with 0x)"
+    assert cs.command("meter regs 0 200").strip() == "error: count 200 is outside 1..125"
+    assert "illegal data address" in cs.command("meter regs 0x9000 2 holding")
+
+    # meter watch: a line per reading until a key, which is used up.
+    cs.terminal.child.send("meter watch\r")
+    cs.terminal.child.expect(r"\n\d\d:\d\d:\d\d +2\d\d\.\d.*\n\d\d:\d\d:\d\d +2\d\d\.\d")
+    cs.terminal.child.send("x")
+    cs.terminal.child.expect("stopped watching" + PROMPT)
+
+    config = cs.command("config show mqtt")
+    assert 'mqtt.topic_prefix = "evse"' in config and "mqtt.keepalive_s = 30" in config
+    assert cs.command("config get console.pin").splitlines()[0] == "console.pin_hash = (set)"
+    assert "applies at once" in cs.command("config get mqtt.tele")
+    assert "error: ambiguous setting 'mqtt.re'" in cs.command("config get mqtt.re")
+
+    selftest = cs.command("selftest")
+    assert_fits(selftest)
+    for check in ("meter comms", "gpio read-back", "broker round trip", "signing round trip", "journal write"):
+        assert re.search(r"^%s +ok " % check, selftest, re.M), selftest
+    assert "selftest: 5 ok, 0 FAIL" in selftest
+    cs.meter.set_fault("silent")
+    selftest = cs.command("selftest")
+    assert re.search(r"^meter comms +FAIL +timeout: no response within 150 ms", selftest, re.M)
+    assert "selftest: 4 ok, 1 FAIL" in selftest
+    cs.meter.set_fault(None)
+
+    log = cs.command("log 50")
+    assert "session %s ended" % session_id in log
+    assert len(cs.command("log 3").splitlines()) == 3
+    assert "error: count 0 is outside 1..100" in cs.command("log 0")
+
+
+def test_lock_config_and_restart(console_station, collector):
+    """State-changing commands need the PIN; wrong PINs wait and become events; config set
+    applies what it can at once; config save writes the board file; restart re-executes."""
+    cs = console_station("--set", "console.lock_after_s=3")
+    with open(cs.board) as handle:
+        original = handle.read()
+    assert cs.command("config set mqtt.keepalive_s 45").strip() == "error: config set needs 'unlock <PIN>' first"
+    assert cs.command("restart").strip() == "error: restart needs 'unlock <PIN>' first"
+
+    assert cs.command("unlock 9999").strip() == "error: wrong PIN; next try in 1 s"
+    assert cs.command("unlock " + SIM_PIN).strip() == "error: unlock refused for 1 s more after 1 wrong PIN(s)"
+    event = cs.message("event", lambda b: b["type"] == "console_unlock_failed").body
+    assert event["values"] == {"failures": 1, "retry_after_s": 1} and event["severity"] == "warning"
+    assert re.search(r"once +warning +console_unlock_failed", cs.command("events"))
+    time.sleep(1.1)
+    cs.terminal.child.send("unlock\r")
+    cs.terminal.child.expect("PIN: ")
+    cs.terminal.child.send(SIM_PIN + "\r")
+    cs.terminal.child.expect(r"\*\*\*\*\r\nunlocked; 'lock' locks again, or 3 s without input\r\nsim-001# ")
+
+    sent = time.monotonic()
+    assert cs.command("config set mqtt.telemetry_interval_s 0.4").strip() == \
+        "mqtt.telemetry_interval_s = 0.4: in use now; 'config save' keeps it"
+    time.sleep(2.2)  # the next telemetry is still on the old schedule, then every 0.4 s
+    times = [m.received for m in collector.on("telemetry") if m.received > sent + 1.1]
+    assert len(times) >= 3 and max(b - a for a, b in zip(times, times[1:])) < 0.7, times
+    assert cs.command("config set events.voltage_max_v 240").strip() == \
+        "events.voltage_max_v = 240.0: in use now; 'config save' keeps it"
+    assert cs.command("config set mqtt.keepalive_s 45").strip() == \
+        "mqtt.keepalive_s = 45: needs a restart ('config save', then 'restart')"
+    assert cs.command("config set meter.model sdm999").strip() == \
+        'error: meter.model: "sdm999" is not one of "abb_b23", "sdm120", "sdm630"'
+    assert cs.command("config set journal.reserve_bytes 99999999").strip() == \
+        "error: journal.reserve_bytes: 99999999 is not below journal.max_bytes 16777216"
+    assert "mqtt.keepalive_s = 30   (after restart: 45)" in cs.command("config show mqtt")
+    saved = cs.command("config save")
+    assert "saved %s (the previous version is %s.bak)" % (cs.board, cs.board) in saved
+    assert "restart to use: mqtt.keepalive_s" in saved
+    with open(cs.board + ".bak") as handle:
+        assert handle.read() == original
+    with open(cs.board) as handle:
+        board = json.load(handle)
+    assert board["mqtt"]["keepalive_s"] == 45 and board["mqtt"]["telemetry_interval_s"] == 0.4
+    assert board["events"]["voltage_max_v"] == 240
+
+    # Idle beyond console.lock_after_s: locked again.
+    cs.terminal.child.expect(r"console locked after 3 s without input\r\nsim-001> ", timeout=6)
+    assert cs.command("restart").strip() == "error: restart needs 'unlock <PIN>' first"
+
+    cs.command("unlock " + SIM_PIN)
+    restarted_at = time.monotonic()
+    cs.terminal.child.send("restart\r")
+    cs.terminal.child.expect("restarting: clean shutdown, then the same command line again")
+    cs.terminal.child.expect(pexpect.EOF)  # the old pty goes with the old process image
+    cs.terminal.close()
+    offline = cs.message("status", lambda body: body is None, after=restarted_at)
+    assert offline.text == "offline"
+    online = cs.message("status", lambda body: True, after=offline.received)
+    assert online.text == "online"
+    deadline = time.monotonic() + 15
+    while sum("console on /dev/pts/" in line for line in cs.agent.stderr) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cs.agent.alive()
+    cs.terminal = Terminal(cs.link)
+    assert re.search(r"^uptime +00:00:0\d", cs.command("status"), re.M)
+    assert cs.command("config get mqtt.keepalive_s").splitlines()[0] == "mqtt.keepalive_s = 45"
+    assert cs.command("config get mqtt.telemetry_interval_s").splitlines()[0] == \
+        "mqtt.telemetry_interval_s = 1.0"  # the command line's --set wins over the saved file
+
+
+COMMAND_WORDS = ("status", "meter", "meter regs", "meter watch", "pilot", "session", "session show", "sessions",
+                 "events", "journal", "journal verify", "mqtt", "config", "config show", "config get",
+                 "config set", "config save", "log", "unlock", "lock", "restart", "help", "st", "m", "co", "j")
+ARGS = st.one_of(st.integers(-10 ** 6, 10 ** 6).map(str),
+                 st.sampled_from(["0x48", "0xZZ", "-1", "9" * 20, "mqtt.port", "events.voltage_max_v", "nan",
+                                  "null", "1e400", '"x"', "{}", "[]", "holding", "input", "mqtt", "1234"]),
+                 st.text(max_size=12))
+LINES = st.one_of(
+    st.builds(lambda word, args: " ".join([word] + args).encode("utf-8", "surrogatepass"),
+              st.sampled_from(COMMAND_WORDS), st.lists(ARGS, max_size=3)),
+    st.binary(max_size=80),
+    st.text(max_size=60).map(lambda text: text.encode("utf-8", "surrogatepass")),
+    st.builds(lambda chunk, times: chunk * times, st.binary(min_size=1, max_size=8), st.integers(40, 300)),
+)
+ENDINGS = st.sampled_from([b"\r", b"\n", b"\r\n", b"\r\x00"])
+BATCH = 50
+
+
+def test_fuzz_10000_random_lines(console_station, collector):
+    """Garbage, binary noise, over-long lines and commands with wrong arguments: each gets
+    its answer, and the agent keeps polling and publishing throughout."""
+    cs = console_station()
+    terminal = cs.terminal
+    sent = []
+    cycles_before = poll_cycles(cs)
+    started = time.monotonic()
+
+    @settings(max_examples=10000 // BATCH, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(LINES, ENDINGS), min_size=BATCH, max_size=BATCH))
+    def batch(lines):
+        terminal.write(b"".join(line + ending for line, ending in lines))
+        sent.append(len(lines))
+        # An empty line ends a PIN prompt or a meter watch the batch may have left open.
+        terminal.write(b"\rmark-%d\r" % len(sent))
+        try:
+            terminal.child.expect("error: unknown command 'mark-%d'; 'help' lists the commands" % len(sent) + PROMPT,
+                                  timeout=20)
+        except pexpect.TIMEOUT:
+            print("BEFORE", repr(terminal.child.before[-3000:]))
+            raise
+        assert "internal error" not in terminal.child.before
+        assert "output dropped" not in terminal.child.before
+
+    batch()
+    finished = time.monotonic()
+    assert sum(sent) >= 10000
+    assert cs.agent.alive(), cs.agent.log()
+    assert "Traceback" not in cs.agent.log() and "failed:" not in cs.agent.log()
+    # Polling and publishing went on all along: telemetry every second, before and after.
+    times = [m.received for m in collector.on("telemetry") if started <= m.received <= finished]
+    assert len(times) >= (finished - started) * 0.8 - 1, (len(times), finished - started)
+    assert max(b - a for a, b in zip(times, times[1:])) < 2.5
+    cs.message("telemetry", after=finished)
+    # The poller kept its 0.2 s schedule while the console was flooded.
+    cycles = poll_cycles(cs) - cycles_before
+    assert cycles >= (time.monotonic() - started) / 0.2 * 0.7, cycles
+    status = cs.command("status")
+    assert re.search(r"^meter +online for ", status, re.M) and re.search(r"^broker +connected", status, re.M)
+
+
+def poll_cycles(cs):
+    return int(re.search(r"^meter +online for [\d:]+, (\d+) cycles", cs.command("status"), re.M).group(1))
