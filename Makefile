@@ -10,10 +10,14 @@ STAMP   = $(VENV)/.installed-stamp
 demo: $(STAMP) system
 	$(PYTHON) -m evse_tools.demo
 
-test: $(STAMP) system
+# MicroPython for the host (its WebAssembly port, from the npm registry) runs the core's
+# MicroPython scenarios in `make test`.
+MPY_HOST = tools/mpy/node_modules/@micropython/micropython-webassembly-pyscript/micropython.mjs
+
+test: $(STAMP) system $(MPY_HOST)
 	$(PYTHON) -m pytest host_tests
 
-bench: $(STAMP) system
+bench: $(STAMP) system $(MPY_HOST)
 	$(PYTHON) -m evse_tools.bench
 
 system:
@@ -23,10 +27,14 @@ $(PYTHON):
 	@sh tools/bootstrap.sh
 	python3 -m venv $(VENV)
 
+$(MPY_HOST): tools/mpy/package.json tools/mpy/package-lock.json | system
+	npm ci --prefix tools/mpy --no-audit --no-fund
+	@touch $(MPY_HOST)
+
 $(STAMP): setup.cfg pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis tools/mpy/node_modules

@@ -71,7 +71,13 @@ def test_board_loads_with_defaults_filled(path):
     """Every setting of the schema is present: the file's value where given, else the default."""
     with open(path) as handle:
         raw = json.load(handle)
-    config = load_board(path)
+    if "micropython" in raw:
+        # An ESP32 board: its port takes out the section it owns before the common schema.
+        from evse_agent.ports.micropython.main import split_board
+        raw, _ = split_board(raw)
+        config = validate(raw)
+    else:
+        config = load_board(path)
     for leaf, field in _leaves(SCHEMA):
         value = _get(config, leaf)
         assert value is not KeyError, leaf

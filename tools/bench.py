@@ -11,7 +11,12 @@ Figures so far (the journal):
   publish rate to a real mosquitto, against raw paho-mqtt QoS 1 publishing of the same
   messages to the same broker (publish all, wait for every PUBACK);
 - flash wear: bytes and fsyncs the journal writes per hour at the default settings,
-  from a simulated hour of telemetry at 1 Hz with a broker that acknowledges everything.
+  from a simulated hour of telemetry at 1 Hz with a broker that acknowledges everything;
+- MicroPython: the core scenario (a charging session with journal, OCMF and an agent
+  restart; host_tests/mpy_scenarios/session_scenario.py) under the official MicroPython
+  (WebAssembly port, 32-bit like an ESP32) with the core compiled by mpy-cross: the
+  ``gc.mem_alloc()`` peak after each step, less the loaded code, against the 64 KiB budget;
+  and the P-256 signing time there.
 """
 
 import argparse
@@ -238,6 +243,37 @@ def bench_flash_wear(workdir):
             "model": "data + cursor files + one 4 KiB page per fsync (ext4/SD or littlefs block)"}
 
 
+def bench_micropython(workdir):
+    """Heap in use by the core scenario's data under MicroPython, and its signing time."""
+    import subprocess
+    from .mpy_build import compile_core
+    node = shutil.which("node")
+    if node is None:
+        return {"error": "node is not installed"}
+    out = os.path.join(workdir, "mpy")
+    compiled = compile_core(out)
+    figures = {"mpy_files": len(compiled), "mpy_bytes": sum(size for _, size in compiled)}
+    scenarios = os.path.join(ROOT, "host_tests", "mpy_scenarios")
+    stats_file = os.path.join(workdir, "mpy-stats.json")
+    for name in ("session", "p256"):
+        run = subprocess.run([node, os.path.join(ROOT, "tools", "mpy_run.mjs"), "--mpy", out, "--stats", stats_file,
+                              os.path.join(scenarios, name + "_scenario.py"), "/tmp"],
+                             capture_output=True, text=True, timeout=600)
+        if run.returncode != 0:
+            return dict(figures, error="%s scenario failed: %s" % (name, run.stderr[-500:]))
+        with open(stats_file) as handle:
+            stats = json.load(handle)
+        if name == "session":
+            heap = stats["harness"]
+            figures.update(micropython=stats["micropython"], code_heap_bytes=heap["baseline"],
+                           data_peak_bytes=heap["peak"] - heap["baseline"], budget_bytes=64 * 1024,
+                           steps=heap["steps"])
+        else:
+            timing = [line for line in run.stdout.splitlines() if line.startswith("timing sign_ms ")]
+            figures["sign_ms"] = int(timing[0].split()[-1]) if timing else None
+    return figures
+
+
 def _table(results):
     lines = ["%-44s %16s %16s %8s" % ("figure", "measured", "baseline", "ratio")]
     append = results["durable_append"]
@@ -253,6 +289,13 @@ def _table(results):
     lines.append("%-44s %16d %16s %8s" % ("fsyncs per hour", wear["fsyncs_per_h"], "", ""))
     lines.append("%-44s %14d B %16s %8s" % ("flash bytes per hour (estimate)", wear["flash_bytes_per_h_estimate"],
                                              "", ""))
+    micro = results.get("micropython") or {}
+    if "data_peak_bytes" in micro:
+        lines.append("%-44s %14d B %14d B %8.3f" % (
+            "MicroPython heap peak, session data (mem_alloc)", micro["data_peak_bytes"], micro["budget_bytes"],
+            micro["data_peak_bytes"] / micro["budget_bytes"]))
+    elif micro:
+        lines.append("%-44s %s" % ("MicroPython heap peak", micro.get("error")))
     return "\n".join(lines)
 
 
@@ -268,6 +311,7 @@ def main(argv=None):
         with Mosquitto() as broker:
             results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
         results["flash_wear"] = bench_flash_wear(workdir)
+        results["micropython"] = bench_micropython(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(_table(results))

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install the system packages the agent's host tooling needs, if they are missing:
-# python3 (3.11+) with venv, and mosquitto (the MQTT broker tests and the demo run).
+# python3 (3.11+) with venv, mosquitto (the MQTT broker tests and the demo run), and node
+# with npm (they run MicroPython's WebAssembly port for the core's MicroPython scenarios).
 # Debian/Ubuntu with apt-get; run as root (or with sudo available).
 set -eu
 
@@ -12,6 +13,9 @@ elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
 fi
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     missing="$missing mosquitto"
+fi
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    missing="$missing nodejs npm"
 fi
 [ -z "$missing" ] && exit 0
 

@@ -85,8 +85,9 @@ class ModbusExceptionResponse(ModbusError):
     def __init__(self, function, code):
         self.function = function
         self.code = code
-        ModbusError.__init__(self, "exception %d (%s) for function %d"
-                             % (code, EXCEPTION_NAMES.get(code, "unknown"), function))
+        # super(): MicroPython's exception types have no unbound ``__init__`` to call.
+        super().__init__("exception %d (%s) for function %d"
+                         % (code, EXCEPTION_NAMES.get(code, "unknown"), function))
 
 
 def build_read_request(unit, function, address, count):

@@ -313,8 +313,60 @@ def parse_document(text):
     return payload, signature, payload_text
 
 
+def _json_syntax_ok(text):
+    """True when ``text`` has JSON's structure: brackets that match, a ``:`` after every key,
+    ``,`` between items and nothing after the value. MicroPython's ``json.loads`` accepts
+    ``{]``, ``[1 2]`` and trailing commas; a document must be refused the same way on every
+    port, so its sections are checked here before they are parsed (literals are left to
+    ``json.loads``)."""
+    stack = []
+    state = "V"  # V value, VC value or "]", K key, KC key or "}", COLON, AFTER (",", close or end)
+    i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch in " \t\r\n":
+            i += 1
+            continue
+        if ch == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            if i >= n or state not in ("V", "VC", "K", "KC"):
+                return False
+            state = "COLON" if state in ("K", "KC") else "AFTER"
+        elif ch in "{[":
+            if state not in ("V", "VC"):
+                return False
+            stack.append(ch)
+            state = "KC" if ch == "{" else "VC"
+        elif ch in "}]":
+            opener = "{" if ch == "}" else "["
+            if state not in ("AFTER", "KC" if ch == "}" else "VC") or not stack or stack.pop() != opener:
+                return False
+            state = "AFTER"
+        elif ch == ":":
+            if state != "COLON":
+                return False
+            state = "V"
+        elif ch == ",":
+            if state != "AFTER" or not stack:
+                return False
+            state = "K" if stack[-1] == "{" else "V"
+        else:
+            if state not in ("V", "VC"):
+                return False
+            while i + 1 < n and text[i + 1] not in " \t\r\n{}[]:,\"":
+                i += 1
+            state = "AFTER"
+        i += 1
+    return state == "AFTER" and not stack
+
+
 def _json_section(name, section_text):
     try:
+        if not _json_syntax_ok(section_text):
+            raise ValueError("not JSON: brackets, ':' or ',' out of place")
         value = json.loads(section_text)
     except ValueError as error:
         raise ValueError("%s section is not valid JSON (%s): %r" % (name, error, section_text[:40]))

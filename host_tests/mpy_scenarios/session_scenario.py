@@ -1,0 +1,176 @@
+"""The core scenario: a charging session with journal and OCMF, an agent restart inside it.
+
+Everything is the portable core (meter over Modbus RTU, input monitor, session engine,
+power monitor, journal, outbox, forwarder), wired as the agent wires it, on this platform's
+file system port, with the portable P-256 signer and a hand-moved clock. The lines printed
+are compared with CPython's; the OCMF documents are verified with ``cryptography`` there.
+"""
+
+import json
+
+import harness
+from fakes import FakeClock, Pins, Publisher, RegisterMeter, ScriptedStream, signer
+from evse_agent import log
+from evse_agent.agent import Agent
+from evse_agent.config import validate
+from evse_agent.events import PowerMonitor
+from evse_agent.forwarder import Forwarder
+from evse_agent.journal import SESSION, Journal
+from evse_agent.messages import Outbox, Topics
+from evse_agent.meter import ModbusMeter
+from evse_agent.meter_models import SDM630
+from evse_agent.modbus_rtu import RtuMaster
+from evse_agent.pilot import InputMonitor
+from evse_agent.session import SessionEngine
+from evse_agent.store import StateStore
+
+POWER_W = 11040  # 16 A on three phases at 230 V
+
+
+class Station:
+    """The agent's objects, built the way the port's main builds them."""
+
+    def __init__(self, config, clock, root, image, pins, publisher):
+        self.clock = clock
+        self.store = StateStore(harness.port_fs(root + "/state"))
+        self.journal = Journal(harness.port_fs(root + "/journal"), config["journal"], clock)
+        self.recovery = self.journal.recover()
+        self.stream = ScriptedStream(clock, [], always=image.answer, keep=False)
+        master = RtuMaster(self.stream, clock, 9600, config["meter"]["timeout_ms"], config["meter"]["retries"])
+        self.meter = ModbusMeter(master, SDM630, 1, clock, config["meter"]["offline_after"])
+        topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
+        self.forwarder = Forwarder(self.journal, publisher, topics, clock, config["journal"]["window"])
+        self.outbox = Outbox(publisher, config["station_id"], self.journal, self.forwarder)
+        self.agent = Agent(config, self.meter, self.outbox, clock, forwarder=self.forwarder)
+        self.journal.alarm = self.agent.on_journal_alarm
+        identity = {"gateway_vendor": "evse-agent", "gateway_serial": config["station_id"],
+                    "gateway_version": "0.1.0", "meter_vendor": SDM630.vendor, "meter_model": SDM630.product}
+        self.engine = SessionEngine(config, self.store, signer(), clock, self.meter, self.agent.publish,
+                                    self.agent.request_reading, identity)
+        self.monitor = PowerMonitor(config["events"], 3, clock, self.agent.publish_event,
+                                    lambda: self.store.next_number("event"))
+        self.agent.engine = self.engine
+        self.agent.monitor = self.monitor
+        self.inputs = InputMonitor(pins, config["io"], clock, self.agent)
+        self.agent.inputs = self.inputs
+        self.restored = self.engine.restore()
+        self.transitions = -1
+
+    async def poll(self):
+        """One cycle of the agent's poll loop (agent._poll_loop without its sleeping)."""
+        agent = self.agent
+        agent._wake.clear()
+        reading = await self.meter.read()
+        link = self.meter.link
+        if link.transitions != self.transitions:
+            if self.transitions >= 0:
+                agent._on_link_change(link)
+            self.transitions = link.transitions
+            agent.publish_meter_status()
+        if reading is None:
+            return
+        self.engine.on_reading(reading)
+        inputs = self.engine.inputs
+        self.monitor.on_reading(reading, inputs.advertised_a if inputs else None)
+        finished = agent.aggregator.add(reading)
+        if finished is not None:
+            self.outbox.record(3, finished)
+
+
+async def main():
+    log.set_sink(None)
+    harness.mark_loaded()  # the code is loaded: from here on the scenario's data only
+    root = harness.workdir("station")
+    config = validate({
+        "station_id": "mpy-001",
+        "meter": {"model": "sdm630", "port": "uart2", "timeout_ms": 100, "retries": 1},
+        "io": {"pilot": {"sample_ms": 100, "debounce_ms": 200},
+               "contactor": {"command_line": 25, "feedback_line": 26}},
+        "journal": {"dir": root + "/journal", "max_bytes": 65536, "reserve_bytes": 8192,
+                    "segment_bytes": 8192, "aggregate_interval_s": 10, "window": 8},
+        "session": {"state_dir": root + "/state"},
+    })
+    clock = FakeClock()
+    image = RegisterMeter()
+    for i in range(3):
+        image.set_float(0x0000 + 2 * i, 230.0)
+        image.set_float(0x0006 + 2 * i, 0.0)
+        image.set_float(0x000C + 2 * i, 0.0)
+    image.set_float(0x0034, 0.0)
+    image.set_float(0x0046, 50.0)
+    image.set_uint32(0xFC00, 12345678)
+    energy_mwh = 1234567890  # the meter's import register, in mWh (it shows kWh as float32)
+    pins = Pins()
+    publisher = Publisher()
+    station = Station(config, clock, root, image, pins, publisher)
+    harness.emit("start", {"recovery": station.recovery.as_dict(), "restored": station.restored is not None})
+    # (second, pilot volts, duty %, contactor command, contactor feedback)
+    script = ((2, 9.0, 26.7, False, False),   # plug in, 16 A offered
+              (5, 6.0, 26.7, True, True),     # charging
+              (65, 9.0, 26.7, False, False),  # the car pauses
+              (75, 6.0, 26.7, True, True),    # and resumes
+              (125, 9.0, 26.7, False, False),  # full
+              (130, 12.0, 100.0, False, False))  # unplugged
+    restart_at = 95
+    decoded = []
+    for second in range(140):
+        for volts, duty, command, feedback in [s[1:] for s in script if s[0] == second]:
+            pins.set(volts, duty, command, feedback)
+        if second == restart_at:
+            # kill -9: nothing is closed; what was fsync'ed must carry the session on.
+            station = Station(config, clock, root, image, pins, publisher)
+            harness.emit("restart", {"recovery": station.recovery.as_dict(),
+                                     "session": station.restored.id if station.restored else None,
+                                     "flags": station.restored.flags if station.restored else None})
+        charging = bool(pins.sample.contactor_feedback)
+        for _ in range(10):  # 10 input samples per second (sample_ms 100)
+            clock.advance(100)
+            station.inputs.poll(clock.monotonic_ms())
+            station.monitor.tick(clock.monotonic_ms())
+            if charging:
+                energy_mwh += POWER_W * 100 // 3600
+        amps = 16.0 if charging else 0.0
+        for i in range(3):
+            image.set_float(0x0006 + 2 * i, amps)
+            image.set_float(0x000C + 2 * i, POWER_W / 3.0 if charging else 0.0)
+        image.set_float(0x0034, float(POWER_W) if charging else 0.0)
+        image.set_float(0x0048, energy_mwh / 1000000.0)
+        await station.poll()
+        if station.agent._wake.is_set():  # the engine asked for a fresh reading at once
+            await station.poll()
+        if station.meter.serial is not None and station.engine.latest is not None:
+            decoded.append(station.engine.latest.energy_wh)
+        station.forwarder.pump()
+        station.journal.tick(clock.monotonic_ms())
+        await harness.checkpoint("second %d" % second)
+
+    records = [json.loads(r.payload) for r in station.journal.read_after(0, 1000) if r.type == SESSION]
+    station.journal.close()
+    ends = [r for r in station.journal.read_after(0, 1000)]
+    by_topic = publisher.counts
+    end = None
+    for payload in publisher.sessions:
+        doc = json.loads(payload)
+        if doc["event"] == "end":
+            end = doc
+    if end is None:
+        raise AssertionError("no session end record was published")
+    billed = end["energy_wh"]
+    register_delta = end["end"]["energy_wh"] - end["begin"]["energy_wh"]
+    if billed != register_delta:
+        raise AssertionError("billed %s Wh but the register moved %s Wh" % (billed, register_delta))
+    harness.emit("billing", {"energy_wh": billed, "begin_wh": end["begin"]["energy_wh"],
+                             "end_wh": end["end"]["energy_wh"], "segments": end["segments"],
+                             "flags": end["flags"], "charging_s": end["charging_s"], "idle_s": end["idle_s"],
+                             "session_id": end["session_id"], "seq": end["seq"]})
+    harness.emit("session_events", [[r["event"], r["seq"]] for r in records] + [len(ends)])
+    for document in end["ocmf_documents"]:
+        harness.emit("document", document)
+    harness.emit("published", by_topic)
+    harness.emit("journal", station.journal.stats())
+    harness.emit("counters", station.store.counters)
+    harness.emit("register", [decoded[0], decoded[-1]])
+
+
+if __name__ == "__main__":
+    harness.run(main)
