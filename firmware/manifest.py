@@ -39,6 +39,7 @@ package(
         "ports/p256.py",
         "ports/micropython/__init__.py",
         "ports/micropython/clock.py",
+        "ports/micropython/console.py",
         "ports/micropython/fs.py",
         "ports/micropython/main.py",
         "ports/micropython/mqtt.py",

@@ -194,7 +194,8 @@ SCHEMA = {
     "console": {
         "port": Field(str, None, nullable=True,
                       help='serial device of the technician console; "pty" makes a '
-                           'pseudo-terminal (host); null: no console'),
+                           'pseudo-terminal (host); "repl": the REPL UART (MicroPython); '
+                           'null: no console'),
         "baudrate": Field(int, 115200, choices=_BAUDRATES, help="console line speed (8N1)"),
         "pty_link": Field(str, "run/console.pty", nullable=True,
                           help='with port "pty": symlink to the pseudo-terminal to connect to'),

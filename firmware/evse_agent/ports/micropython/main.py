@@ -181,8 +181,11 @@ async def watchdog(agent, timeout_s, poll_interval_s):
 
 
 async def run(config, port):
+    from .console import attach_console
+
     clock = MicroClock(config["clock"]["sync"])
     agent, publisher, journal = build(config, port, clock)
+    console = attach_console(agent)
     tasks = []
     network_up = None
     if port["wifi_ssid"]:
@@ -202,6 +205,8 @@ async def run(config, port):
             task.cancel()
         journal.close()
         publisher.stop()
+        if console is not None:
+            console.close()
 
 
 def main(board_file=BOARD_FILE):
