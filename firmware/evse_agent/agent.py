@@ -16,7 +16,7 @@ port show live readings.
 
 import asyncio
 
-from . import log
+from . import __version__, log
 from .aggregate import Aggregator
 from .journal import AGGREGATE, EVENT, SESSION
 from .messages import Topics, iso_utc, meter_status_doc, telemetry_doc
@@ -249,3 +249,27 @@ class Agent:
 
     def publish_meter_status(self):
         self.outbox.post(self.topics.meter, meter_status_doc(self.meter, self.clock), qos=1, retain=True)
+
+
+def attach_charge_point(agent, store, signer, pins):
+    """Give ``agent`` its session engine, power monitor and input monitor, and continue an
+    open session: the same wiring on every port (``pins`` is the port's pin bank)."""
+    from .events import PowerMonitor
+    from .pilot import InputMonitor
+    from .session import SessionEngine
+
+    config = agent.config
+    model = agent.meter.model
+    identity = {
+        "gateway_vendor": config["signing"]["gateway_vendor"],
+        "gateway_serial": config["signing"]["gateway_serial"] or config["station_id"],
+        "gateway_version": __version__,
+        "meter_vendor": model.vendor,
+        "meter_model": model.product,
+    }
+    agent.engine = SessionEngine(config, store, signer, agent.clock, agent.meter, agent.publish,
+                                 agent.request_reading, identity)
+    agent.monitor = PowerMonitor(config["events"], model.phases, agent.clock, agent.publish_event,
+                                 lambda: store.next_number("event"))
+    agent.inputs = InputMonitor(pins, config["io"], agent.clock, agent)
+    agent.engine.restore()

@@ -13,19 +13,16 @@ import sys
 import time
 
 from ... import __version__, log
-from ...agent import Agent
+from ...agent import Agent, attach_charge_point
 from ...config import ConfigError, apply_override, validate
 from ...console import pin_hash
-from ...events import PowerMonitor
 from ...forwarder import Forwarder
 from ...journal import Journal
 from ...messages import Outbox, Topics, iso_utc
 from ...meter import ModbusMeter
 from ...meter_models import model_named
 from ...modbus_rtu import RtuMaster
-from ...pilot import InputMonitor
 from ...reading import summary_line
-from ...session import SessionEngine
 from ...store import StateStore
 from .clock import SystemClock
 from .console_port import attach_console
@@ -92,20 +89,7 @@ def build_agent(config, clock, quiet=False):
     agent = Agent(config, meter, outbox, clock, forwarder=forwarder,
                   on_reading=None if quiet else _print_reading)
     journal.alarm = agent.on_journal_alarm
-    identity = {
-        "gateway_vendor": config["signing"]["gateway_vendor"],
-        "gateway_serial": config["signing"]["gateway_serial"] or config["station_id"],
-        "gateway_version": __version__,
-        "meter_vendor": model.vendor,
-        "meter_model": model.product,
-    }
-    engine = SessionEngine(config, store, signer, clock, meter, agent.publish, agent.request_reading, identity)
-    monitor = PowerMonitor(config["events"], model.phases, clock, agent.publish_event,
-                           lambda: store.next_number("event"))
-    agent.engine = engine
-    agent.monitor = monitor
-    agent.inputs = InputMonitor(pin_bank(config["io"]), config["io"], clock, agent)
-    engine.restore()
+    attach_charge_point(agent, store, signer, pin_bank(config["io"]))
     return agent, publisher, stream, journal
 
 

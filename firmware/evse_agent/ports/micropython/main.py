@@ -20,17 +20,14 @@ import json
 import time
 
 from ... import __version__, log
-from ...agent import Agent
+from ...agent import Agent, attach_charge_point
 from ...config import ConfigError, validate
-from ...events import PowerMonitor
 from ...forwarder import Forwarder
 from ...journal import Journal
 from ...messages import Outbox, Topics
 from ...meter import ModbusMeter
 from ...meter_models import model_named
 from ...modbus_rtu import RtuMaster
-from ...pilot import InputMonitor
-from ...session import SessionEngine
 from ...store import StateStore
 from .clock import MicroClock
 from .fs import FileSystem
@@ -123,20 +120,7 @@ def build(config, port, clock):
     outbox = Outbox(publisher, config["station_id"], journal, forwarder)
     agent = Agent(config, meter, outbox, clock, forwarder=forwarder)
     journal.alarm = agent.on_journal_alarm
-    identity = {
-        "gateway_vendor": config["signing"]["gateway_vendor"],
-        "gateway_serial": config["signing"]["gateway_serial"] or config["station_id"],
-        "gateway_version": __version__,
-        "meter_vendor": model.vendor,
-        "meter_model": model.product,
-    }
-    engine = SessionEngine(config, store, signer, clock, meter, agent.publish, agent.request_reading, identity)
-    monitor = PowerMonitor(config["events"], model.phases, clock, agent.publish_event,
-                           lambda: store.next_number("event"))
-    agent.engine = engine
-    agent.monitor = monitor
-    agent.inputs = InputMonitor(MachinePinBank(config["io"], port), config["io"], clock, agent)
-    engine.restore()
+    attach_charge_point(agent, store, signer, MachinePinBank(config["io"], port))
     return agent, publisher, journal
 
 
