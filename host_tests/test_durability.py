@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 
-import paho.mqtt.client as paho
 import pytest
 
 from conftest import ROOT, SIM_BOARD, station_args
@@ -132,28 +131,11 @@ class JournalConsumer:
         return highest
 
 
-class PersistentCollector(Collector):
+def PersistentCollector(host, port, client_id, on_message=None, topic="evse/#"):
     """A Collector with a persistent MQTT session (fixed client id, clean_session False), so the
     broker queues QoS 1 messages for it while it reconnects; it reconnects quickly."""
-
-    def __init__(self, host, port, client_id, on_message=None, topic="evse/#"):
-        self.messages = []
-        self._cond = threading.Condition()
-        self._on_message_cb = on_message
-        self._topic = topic
-        self._qos = 1
-        self._subscribed = threading.Event()
-        client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2,
-                             client_id=client_id, protocol=paho.MQTTv311, clean_session=False)
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        client.reconnect_delay_set(0.1, 0.3)
-        client.connect(host, port, 30)
-        client.loop_start()
-        self.client = client
-        if not self._subscribed.wait(10):
-            raise RuntimeError("subscriber could not subscribe on %s:%d" % (host, port))
+    return Collector(host, port, topic, qos=1, on_message=on_message, client_id=client_id,
+                     clean_session=False, reconnect_delay=(0.1, 0.3))
 
 
 def public_key(station_dir):

@@ -34,7 +34,8 @@ class Collector:
     """Subscribes to ``topic`` and keeps every message; ``on_message`` sees each as it comes."""
 
     def __init__(self, host, port, topic="evse/#", qos=1, on_message=None, client_id=None,
-                 tls_ca_file=None, username=None, password=None):
+                 tls_ca_file=None, username=None, password=None, clean_session=True,
+                 reconnect_delay=(1, 2)):
         self.messages = []
         self._cond = threading.Condition()
         self._on_message_cb = on_message
@@ -42,7 +43,8 @@ class Collector:
         self._qos = qos
         self._subscribed = threading.Event()
         client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2,
-                             client_id=client_id or "", protocol=paho.MQTTv311)
+                             client_id=client_id or "", protocol=paho.MQTTv311,
+                             clean_session=clean_session)
         if tls_ca_file is not None:
             client.tls_set(ca_certs=tls_ca_file)
         if username is not None:
@@ -50,7 +52,7 @@ class Collector:
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        client.reconnect_delay_set(1, 2)
+        client.reconnect_delay_set(*reconnect_delay)
         client.connect(host, port, 30)
         client.loop_start()
         self.client = client

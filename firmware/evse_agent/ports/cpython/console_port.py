@@ -22,6 +22,7 @@ import serial
 
 from ... import log
 from ...console import Console
+from .fs import replace_file
 
 MAX_PENDING = 64 * 1024  # console output kept while the terminal does not read
 REOPEN_S = 5.0
@@ -230,28 +231,9 @@ class BoardFile:
         backup = self.path + ".bak"
         mode = os.stat(target).st_mode & 0o777
         with open(target, "rb") as handle:
-            _write_atomic(os.path.realpath(backup), handle.read(), mode)
-        _write_atomic(target, (json.dumps(doc, indent=2) + "\n").encode(), mode)
+            replace_file(os.path.realpath(backup), handle.read(), mode)
+        replace_file(target, (json.dumps(doc, indent=2) + "\n").encode(), mode)
         return backup
-
-
-def _write_atomic(path, data, mode):
-    temp = "%s.tmp-%d" % (path, os.getpid())
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def attach_console(agent, board_path, overrides, restart):

@@ -34,18 +34,7 @@ class FileSystem:
             return b""
 
     def write_atomic(self, name, data):
-        target = self.path(name)
-        temp = target + ".tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, target)
-        self._sync_dir()
+        replace_file(self.path(name), data)
 
     def listdir(self):
         return os.listdir(self.root)
@@ -92,3 +81,23 @@ class FileSystem:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def replace_file(path, data, mode=0o600):
+    """Replace ``path`` with ``data`` crash-safely: temp file, fsync, rename, directory fsync."""
+    temp = "%s.tmp-%d" % (path, os.getpid())
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
