@@ -58,19 +58,25 @@ class PtyLink:
     async def _writer(self, fd, queue):
         char_s = 11.0 / self.baudrate if self.baudrate else 0.0
         loop = asyncio.get_running_loop()
-        free_at = 0.0
+        line_free_at = 0.0  # when the last character queued so far leaves the wire
         while True:
             data = await queue.get()
-            if char_s:
-                # One character at a time, each leaving when the previous one has finished.
-                for i in range(len(data)):
-                    free_at = max(free_at, loop.time()) + char_s
-                    delay = free_at - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    self._write_all(fd, data[i:i + 1])
-            else:
+            if not char_s:
                 self._write_all(fd, data)
+                continue
+            # Character i arrives when its last bit has: start + (i + 1) character times.
+            # Waking up late (timer granularity) hands over every character that is due
+            # by then in one write, so the average rate stays exactly the baud rate.
+            start = max(line_free_at, loop.time())
+            line_free_at = start + len(data) * char_s
+            sent = 0
+            while sent < len(data):
+                due = min(len(data), int((loop.time() - start) / char_s))
+                if due > sent:
+                    self._write_all(fd, data[sent:due])
+                    sent = due
+                else:
+                    await asyncio.sleep(start + (sent + 1) * char_s - loop.time())
 
     def _write_all(self, fd, data):
         view = memoryview(data)

@@ -1,7 +1,7 @@
 """Declarative meter register maps: data types, decoding, and request planning.
 
 A meter model (see ``meter_models``) lists the registers the agent reads. This module
-turns that list into the fewest Modbus read requests the meter allows (``plan_requests``)
+turns that list into the read requests that keep the line busy the least (``plan_requests``)
 and decodes the returned register bytes into values (``decode``), with energy decoded
 exactly into integer watt-hours (``decode_energy_wh``) so billing never touches floats.
 
@@ -101,34 +101,64 @@ def _answered(answered, function, first, last):
     return covered_to >= last
 
 
-def plan_requests(registers, max_registers, answered=()):
-    """Coalesce ``registers`` into the fewest read requests the meter allows.
+# Line time of one read transaction beyond its register bytes, in characters: the request
+# (8), the response's unit, function, byte count and CRC (5), and the 3.5-character
+# silence the line needs before each of the two frames (7).
+TRANSACTION_CHARS = 20
 
-    Registers with the same function code merge into one request while the span stays
+
+def request_chars(count):
+    """Characters one read of ``count`` registers keeps the line busy (see TRANSACTION_CHARS)."""
+    return TRANSACTION_CHARS + 2 * count
+
+
+def plan_requests(registers, max_registers, answered=()):
+    """Group ``registers`` into the read requests that take the least time on the line.
+
+    Registers with the same function code may share one request while its span stays
     within ``max_registers`` and every register in between (the gap being bridged) lies
-    in one of the ``answered`` ranges ``(function, first, last)`` — ranges the meter is
-    documented to answer without an exception. Greedy in address order, which is optimal
-    for this interval problem: each request extends as far as it legally can.
+    in one of the ``answered`` ranges ``(function, first, last)`` -- ranges the meter is
+    known to answer without an exception. Bridging a gap costs 2 characters per register;
+    a separate request costs ``TRANSACTION_CHARS``. Dynamic programming over each
+    function's registers in address order finds the plan with the fewest characters (ties:
+    fewer requests), so a plan is never worse than one request per contiguous run.
     """
-    ordered = sorted(registers, key=lambda r: (r.function, r.address))
     requests = []
-    current = None
-    for reg in ordered:
-        if reg.count > max_registers:
-            raise ValueError("register %s needs %d registers, more than the meter's maximum %d"
-                             % (reg.name, reg.count, max_registers))
-        if current is not None and reg.function == current.function:
-            start = current.address
-            end = current.address + current.count
-            new_end = reg.end if reg.end > end else end
-            contiguous = reg.address <= end
-            bridgeable = contiguous or _answered(answered, reg.function, end, reg.address - 1)
-            if bridgeable and new_end - start <= max_registers:
-                current.count = new_end - start
-                current.registers.append(reg)
-                continue
-        current = ReadRequest(reg.function, reg.address, reg.count, [reg])
-        requests.append(current)
+    functions = sorted(set(reg.function for reg in registers))
+    for function in functions:
+        regs = sorted((r for r in registers if r.function == function), key=lambda r: r.address)
+        for reg in regs:
+            if reg.count > max_registers:
+                raise ValueError("register %s needs %d registers, more than the meter's maximum %d"
+                                 % (reg.name, reg.count, max_registers))
+        # best[j]: (characters, requests, first register index of the last request) for regs[:j]
+        best = [(0, 0, 0)]
+        for j in range(1, len(regs) + 1):
+            last = regs[j - 1]
+            choice = None
+            for i in range(j, 0, -1):
+                first = regs[i - 1]
+                span = last.end - first.address
+                if span > max_registers:
+                    break
+                gap_first, gap_end = first.end, regs[i].address if i < j else first.end
+                if gap_end > gap_first and not _answered(answered, function, gap_first, gap_end - 1):
+                    break  # this gap cannot be bridged, nor can any wider span
+                chars, count, _ = best[i - 1]
+                candidate = (chars + request_chars(span), count + 1, i - 1)
+                if choice is None or candidate[:2] < choice[:2]:
+                    choice = candidate
+            best.append(choice)
+        bounds = []
+        j = len(regs)
+        while j > 0:
+            i = best[j][2]
+            bounds.append((i, j))
+            j = i
+        for i, j in reversed(bounds):
+            group = regs[i:j]
+            address = group[0].address
+            requests.append(ReadRequest(function, address, group[-1].end - address, group))
     return requests
 
 
