@@ -426,6 +426,44 @@ def test_contactor_welded_after_check_time_and_cleared_when_feedback_opens():
     assert_well_formed(rig)
 
 
+def test_next_check_is_the_contactor_deadline_and_ticking_only_then_raises_on_time():
+    """The supervisor sleeps until ``next_check_ms``: it names the welded and failed-to-close
+    deadlines (the earlier first), a tick at exactly that time raises, and once raised or
+    resolved there is nothing left to wait for."""
+    rig = Rig()
+    assert rig.monitor.next_check_ms() is None  # no inputs yet
+    rig.inputs("B", command=False, feedback=False)
+    assert rig.monitor.next_check_ms() is None  # contactor open and agreeing: nothing due
+    rig.clock.advance(1000)
+    closing_at = rig.clock.monotonic_ms()
+    rig.inputs("C", command=True, feedback=False)
+    assert rig.monitor.next_check_ms() == closing_at + 500
+    rig.clock.advance(500)
+    rig.tick()
+    assert len(rig.raised("contactor_failed_to_close")) == 1
+    assert rig.monitor.next_check_ms() is None  # raised: nothing more to decide
+    rig.inputs("C", command=True, feedback=True)
+    assert rig.monitor.next_check_ms() is None
+    rig.clock.advance(1000)
+    opened_at = rig.clock.monotonic_ms()
+    rig.inputs("B", command=False, feedback=True)  # the contact stays closed
+    assert rig.monitor.next_check_ms() == opened_at + 500
+    rig.clock.advance(499)
+    rig.tick()
+    assert rig.of("contactor_welded") == []
+    rig.clock.advance(1)
+    rig.tick()
+    assert len(rig.raised("contactor_welded")) == 1
+    assert rig.monitor.next_check_ms() is None
+    assert_well_formed(rig)
+
+
+def test_boards_without_contactor_lines_never_have_a_check_due():
+    rig = Rig()
+    rig.inputs("C")
+    assert rig.monitor.next_check_ms() is None
+
+
 def test_contactor_feedback_following_within_check_time_is_not_welded():
     """A feedback that opens 300 ms after the command is a normal contactor."""
     rig = Rig()

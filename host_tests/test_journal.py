@@ -406,6 +406,29 @@ def test_cursor_saved_atomically_every_cursor_sync_s_and_loaded_on_restart(tmp_p
     assert again.append(EVENT, event_payload(11)) == 11
 
 
+def test_next_due_names_the_batched_sync_and_the_cursor_save(tmp_path):
+    """``next_due_ms`` is when ``tick`` has work: the batched fsync of aggregates
+    (sync_interval_s after the last sync) and the cursor save (cursor_sync_s after the last
+    save), whichever is first; None when nothing waits, so the forwarder can sleep."""
+    clock = Clock()
+    j, _ = open_journal(tmp_path, clock=clock)
+    j.tick(clock.monotonic_ms())
+    assert j.next_due_ms() is None
+    j.append(AGGREGATE, aggregate_payload(1))
+    assert j.next_due_ms() == j._last_sync_ms + j.sync_ms
+    clock.advance(j.sync_ms / 1000)
+    j.tick(clock.monotonic_ms())
+    assert j.next_due_ms() is None  # synced
+    j.append(EVENT, event_payload(2))  # durable: synced on append, nothing due
+    assert j.next_due_ms() is None
+    j.acknowledge(2)
+    assert j.next_due_ms() == j._cursor_saved_ms + j.cursor_sync_ms
+    clock.advance(j.cursor_sync_ms / 1000)
+    j.tick(clock.monotonic_ms())
+    assert j.next_due_ms() is None
+    assert json.loads((tmp_path / journal.CURSOR_FILE).read_bytes()) == {"acked": 2}
+
+
 @pytest.mark.parametrize("damage", [b"", b"{", b'{"acked": -4}', b'{"acked": "7"}', b"[7]",
                                     b'{"seen": 7}', b"\xff\xfe\x00", b"null"])
 def test_damaged_cursor_replays_everything(tmp_path, damage):

@@ -401,14 +401,15 @@ def test_frame_in_one_byte_chunks_is_assembled():
 
 
 def test_first_read_waits_timeout_plus_request_wire_time_then_gap():
-    """The first byte may take timeout + the request's wire time; later bytes only the gap limit."""
+    """The first byte may take timeout + the request's wire time; later bytes are taken as
+    they have arrived (timeout 0), or after the rest's wire time within the gap limit."""
     frame = _response(1, 4, [1, 2])
     result, stream, master = _run(dict(baudrate=9600, timeout_ms=500, gap_ms=20),
                                   [[bytes([b]) for b in frame]])
     assert result == bytes.fromhex("0001 0002")
     # 8 request bytes * 11 bits at 9600 baud = 9.17 ms -> 10 ms on the wire.
     assert stream.reads[0][:2] == (3, 510)
-    assert all(timeout == 20 for _, timeout, _ in stream.reads[1:])
+    assert all(timeout in (0, 20) for _, timeout, _ in stream.reads[1:])
     # After the 3-byte header the master asks for exactly the rest of the frame.
     assert stream.reads[3][0] == len(frame) - 3
 
@@ -532,7 +533,7 @@ def test_silence_before_next_request(monkeypatch, baudrate, silence_ms):
     sleeps = []
 
     async def fake_sleep(seconds):
-        sleeps.append(seconds)
+        sleeps.append((len(stream.writes), seconds))
         clock.now_ms += int(round(seconds * 1000))
         await _real_sleep(0)
 
@@ -540,13 +541,16 @@ def test_silence_before_next_request(monkeypatch, baudrate, silence_ms):
         master = RtuMaster(stream, clock, baudrate)
         monkeypatch.setattr(modbus_rtu.asyncio, "sleep", fake_sleep)
         first = await master.read_registers(1, 4, 0, 2)
-        assert sleeps == []  # nothing before the first request
+        before_second = len(sleeps)
         second = await master.read_registers(1, 4, 0, 2)
-        return first, second
+        return first, second, before_second
 
-    first, second = asyncio.run(go())
+    first, second, before_second = asyncio.run(go())
     assert first == second == bytes.fromhex("0001 0002")
-    assert sleeps == [silence_ms / 1000]
+    assert not [s for writes, s in sleeps if writes == 0]  # nothing before the first request
+    # The second request waits the silence first (any later sleeps wait for response bytes).
+    assert sleeps[before_second] == (1, silence_ms / 1000)
+    assert all(writes == 2 for writes, _ in sleeps[before_second + 1:])
 
 
 def test_retries_outside_range_are_refused():

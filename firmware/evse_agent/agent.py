@@ -5,7 +5,8 @@ One asyncio task per concern (STYLE: micropython-async):
 - the poll loop owns the meter schedule and can be woken early when a session needs a
   fresh reading (plug-in, unplug);
 - the input monitor samples pilot and contactor lines and reports debounced changes;
-- the supervisor runs the time-based safety checks a few times per second;
+- the supervisor runs the time-based safety checks when they fall due (it sleeps until the
+  next deadline or the next input change, not on a fixed beat);
 - the forwarder replays the journal to the broker, paced by acknowledgements;
 - the technician console (``console``, if the board has one) serves its serial line.
 
@@ -21,7 +22,9 @@ from .aggregate import Aggregator
 from .journal import AGGREGATE, EVENT, SESSION
 from .messages import Topics, iso_utc, meter_status_doc, telemetry_doc
 
-SUPERVISOR_MS = 100
+# The supervisor sleeps until the power monitor's next contactor check is due or the inputs
+# change; with nothing due it still looks in at this interval.
+SUPERVISOR_IDLE_MS = 1000
 
 # Settings the running agent takes into use at once (with every ``events.*`` threshold).
 LIVE_SETTINGS = ("description", "meter.poll_interval_s", "meter.timeout_ms", "meter.retries",
@@ -68,6 +71,7 @@ class Agent:
         self._status_ms = int(config["mqtt"]["status_interval_s"] * 1000)
         self._stopping = False
         self._wake = asyncio.Event()
+        self._supervise = asyncio.Event()  # inputs or thresholds changed: recompute deadlines
 
     # -- wiring callbacks --------------------------------------------------------------
 
@@ -101,6 +105,7 @@ class Agent:
         """Input monitor listener: debounced pilot / contactor change."""
         if self.monitor is not None:
             self.monitor.on_inputs(inputs, now_ms)
+            self._supervise.set()
         if self.engine is not None:
             self.engine.on_inputs(inputs, now_ms)
 
@@ -138,12 +143,14 @@ class Agent:
         for part in parts[:-1]:
             section = section[part]
         section[parts[-1]] = value
+        self._supervise.set()  # a contactor check interval may have changed
         return True
 
     def stop(self):
         """Ask the loops to finish after the current cycle."""
         self._stopping = True
         self._wake.set()
+        self._supervise.set()
         if self.inputs is not None:
             self.inputs.stop()
         if self.forwarder is not None:
@@ -179,9 +186,17 @@ class Agent:
         log.info("agent stopped after %d poll cycles" % self.cycles)
 
     async def _supervisor(self):
+        clock = self.clock
         while not self._stopping:
-            self.monitor.tick(self.clock.monotonic_ms())
-            await asyncio.sleep(SUPERVISOR_MS / 1000)
+            self._supervise.clear()
+            now = clock.monotonic_ms()
+            self.monitor.tick(now)
+            due = self.monitor.next_check_ms()
+            wait_ms = SUPERVISOR_IDLE_MS if due is None else min(SUPERVISOR_IDLE_MS, max(due - now, 1))
+            try:
+                await asyncio.wait_for(self._supervise.wait(), wait_ms / 1000)
+            except asyncio.TimeoutError:
+                pass
 
     async def _sleep_until(self, due_ms):
         """Sleep until ``due_ms`` or until woken by ``request_reading``."""
@@ -217,8 +232,8 @@ class Agent:
             self.cycles += 1
             link = self.meter.link
             if link.transitions != reported_transitions or now >= next_status:
-                if link.transitions != reported_transitions and reported_transitions >= 0:
-                    self._on_link_change(link)
+                if link.transitions != reported_transitions:
+                    self._on_link_change(link, first=reported_transitions < 0)
                 reported_transitions = link.transitions
                 next_status = now + self._status_ms
                 self.publish_meter_status()
@@ -241,11 +256,12 @@ class Agent:
                     next_telemetry = now + self._telemetry_ms
                 self.outbox.post(self.topics.telemetry, telemetry_doc(reading))
 
-    def _on_link_change(self, link):
-        if self.monitor is not None:
+    def _on_link_change(self, link, first=False):
+        """The meter link changed (``first``: the first cycle told its state)."""
+        if self.monitor is not None and not first:
             self.monitor.on_meter_link(link.online, link.last_error)
-        if self.engine is not None and not link.online:
-            self.engine.on_meter_offline()
+        if self.engine is not None:
+            self.engine.on_meter_link(link.online, first)
 
     def publish_meter_status(self):
         self.outbox.post(self.topics.meter, meter_status_doc(self.meter, self.clock), qos=1, retain=True)

@@ -152,7 +152,8 @@ class PowerMonitor:
         self.tick(now_ms)
 
     def tick(self, now_ms):
-        """Time-based checks of the contactor; call a few times per second."""
+        """Time-based checks of the contactor; call when ``next_check_ms`` is due (and on
+        every input change, which ``on_inputs`` does)."""
         inputs = self._inputs
         if inputs is None:
             return
@@ -175,6 +176,22 @@ class PowerMonitor:
                 self._raise("contactor_failed_to_close", {"command": True, "feedback": False})
         elif feedback:
             self._clear("contactor_failed_to_close", {"command": command, "feedback": True})
+
+    def next_check_ms(self):
+        """When ``tick`` next has a contactor check to decide, or None until the inputs
+        change: the supervisor sleeps until then instead of ticking on a fixed beat."""
+        inputs = self._inputs
+        if inputs is None or inputs.contactor_command is None or inputs.contactor_feedback is None:
+            return None
+        check_ms = self.config["contactor_check_ms"]
+        due = None
+        if self._welded_since_ms is not None and "contactor_welded" not in self.active:
+            due = self._welded_since_ms + check_ms
+        if (inputs.contactor_command and not inputs.contactor_feedback and self._close_commanded_ms is not None
+                and "contactor_failed_to_close" not in self.active):
+            closing = self._close_commanded_ms + check_ms
+            due = closing if due is None or closing < due else due
+        return due
 
     def alarm(self, type_, active, values):
         """An alarm of another part of the agent (the journal) starts or ends."""

@@ -19,6 +19,10 @@ from . import log
 from .journal import AGGREGATE, EVENT, SESSION, SUMMARY
 
 
+# With nothing due, the forwarder still looks in this often (a missed wake-up costs no more).
+IDLE_MS = 5000
+
+
 class Forwarder:
     """Replays the journal to the broker; one task (``run``)."""
 
@@ -46,12 +50,18 @@ class Forwarder:
         self._wake.set()
 
     async def run(self):
+        """Pump on every wake-up (append, PUBACK, connection change) and run the journal's
+        periodic work when it falls due; otherwise sleep."""
+        journal = self.journal
         while not self._stopping:
             self._wake.clear()
             self.pump()
-            self.journal.tick(self.clock.monotonic_ms())
+            now = self.clock.monotonic_ms()
+            journal.tick(now)
+            due = journal.next_due_ms()
+            wait_ms = IDLE_MS if due is None else min(IDLE_MS, max(due - now, 1))
             try:
-                await asyncio.wait_for(self._wake.wait(), 0.5)
+                await asyncio.wait_for(self._wake.wait(), wait_ms / 1000)
             except asyncio.TimeoutError:
                 pass
 

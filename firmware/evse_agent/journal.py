@@ -53,6 +53,7 @@ AGGREGATE = 3
 SUMMARY = 4
 TYPE_NAMES = {SESSION: "session", EVENT: "event", AGGREGATE: "aggregate", SUMMARY: "summary"}
 DURABLE_TYPES = (SESSION, EVENT)
+RETRY_MS = 500  # records the disk refused are written again this often
 DROPPABLE_TYPES = (AGGREGATE, SUMMARY)
 
 READ_CHUNK = 16384
@@ -490,6 +491,20 @@ class Journal:
         if self.pending:
             self.retry_pending()
         self._notify()
+
+    def next_due_ms(self):
+        """When ``tick`` next has work (a batched fsync or a cursor save), or None when
+        nothing waits; records the disk refused are retried at ``RETRY_MS``."""
+        due = None
+        if self._unsynced:
+            due = self._last_sync_ms + self.sync_ms
+        if self.acked != self._cursor_saved:
+            cursor = self._cursor_saved_ms + self.cursor_sync_ms
+            due = cursor if due is None or cursor < due else due
+        if self.pending:
+            retry = self.clock.monotonic_ms() + RETRY_MS
+            due = retry if due is None or retry < due else due
+        return due
 
     def sync(self):
         """fsync what was written since the last sync."""

@@ -280,11 +280,16 @@ class SessionEngine:
         elif session.segments:
             session.last_reading = _reading_record(reading, self.clock.synced())
 
-    def on_meter_offline(self):
-        """The meter link went down: a begin/end that waits for it will be flagged."""
-        for session in ([self.session] if self.session else []) + self.ending:
-            if session.pending is not None:
-                session.flag(session.pending + "_delayed")
+    def on_meter_link(self, online, first=False):
+        """The meter link came up or went down (``first``: the agent's first poll told its
+        state): the retained state says so at once, and a begin/end that waits for a
+        reading while the meter went away will be flagged."""
+        if not online and not first:
+            for session in ([self.session] if self.session else []) + self.ending:
+                if session.pending is not None:
+                    session.flag(session.pending + "_delayed")
+        if self.inputs is not None:
+            self._publish_state()
 
     def _exact_now(self, reading):
         """A reading is exact for now if no current could flow since it was taken."""
