@@ -239,7 +239,8 @@ class Agent:
                 next_telemetry += self._telemetry_ms
                 if next_telemetry <= now:
                     next_telemetry = now + self._telemetry_ms
-                self.outbox.post(self.topics.telemetry, telemetry_doc(reading))
+                session_energy = None if self.engine is None else self.engine.energy_so_far()
+                self.outbox.post(self.topics.telemetry, telemetry_doc(reading, session_energy))
 
     def _on_link_change(self, link):
         if self.monitor is not None:
