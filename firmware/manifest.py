@@ -23,6 +23,7 @@ package(
         "console.py",
         "events.py",
         "forwarder.py",
+        "ha_discovery.py",
         "journal.py",
         "log.py",
         "messages.py",

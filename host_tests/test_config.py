@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from evse_agent.config import SCHEMA, ConfigError, apply_override, load_board, parse_board, validate
+from evse_agent.config import SCHEMA, ConfigError, apply_override, ha_node_id, load_board, parse_board, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOARDS = sorted(os.path.join(ROOT, "boards", name)
@@ -84,6 +84,8 @@ def test_board_loads_with_defaults_filled(path):
         given = _get(raw, leaf)
         if leaf == "mqtt.client_id" and given in (None, KeyError):
             assert value == "evse-agent-" + raw["station_id"]
+        elif leaf == "homeassistant.node_id" and given in (None, KeyError):
+            assert value == ha_node_id(raw["station_id"])
         elif given is KeyError:
             assert value == field.default, leaf
         else:
@@ -252,6 +254,67 @@ def test_load_board_prefixes_the_file_name(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_board(str(path))
     assert str(info.value).startswith("%s: meter.baudrate: 9601" % path)
+
+
+# --- homeassistant section ----------------------------------------------------------------
+
+
+def test_homeassistant_defaults():
+    """Discovery is on by default, under Home Assistant's default prefix and birth topic; the
+    node id is the station id and the device is named after it."""
+    ha = validate(copy.deepcopy(MINIMAL))["homeassistant"]
+    assert ha == {"enabled": True, "prefix": "homeassistant", "node_id": "st-1",
+                  "device_name": None, "birth_topic": "homeassistant/status"}
+
+
+@pytest.mark.parametrize("station_id,node_id", [
+    ("sim-001", "sim-001"), ("garage.left", "garage_left"), ("st:1@home", "st_1_home"),
+    ("Box_7-A", "Box_7-A"),
+])
+def test_homeassistant_node_id_defaults_to_the_station_id_in_home_assistants_characters(station_id, node_id):
+    """Home Assistant takes only [a-zA-Z0-9_-] in a discovery topic level: others become '_'."""
+    assert validate(_doc(station_id=station_id))["homeassistant"]["node_id"] == node_id
+
+
+def test_homeassistant_settings_are_taken():
+    ha = validate(_doc(homeassistant__enabled=False, homeassistant__prefix="ha/discovery",
+                       homeassistant__node_id="garage_1", homeassistant__device_name="Garage left",
+                       homeassistant__birth_topic=None))["homeassistant"]
+    assert ha == {"enabled": False, "prefix": "ha/discovery", "node_id": "garage_1",
+                  "device_name": "Garage left", "birth_topic": None}
+
+
+@pytest.mark.parametrize("changes,path,bad,reason", [
+    (dict(homeassistant__enabled="yes"), "homeassistant.enabled", '"yes"', "true or false"),
+    (dict(homeassistant__enabled=None), "homeassistant.enabled", "null", "not allowed"),
+    (dict(homeassistant__prefix="home/#"), "homeassistant.prefix", '"home/#"', "'#'"),
+    (dict(homeassistant__prefix="home/+/x"), "homeassistant.prefix", '"home/+/x"', "'+'"),
+    (dict(homeassistant__prefix=""), "homeassistant.prefix", '""', "is empty"),
+    (dict(homeassistant__prefix="/homeassistant"), "homeassistant.prefix", '"/homeassistant"', "empty topic level"),
+    (dict(homeassistant__prefix="home assistant"), "homeassistant.prefix", '"home assistant"', "' '"),
+    (dict(homeassistant__prefix=None), "homeassistant.prefix", "null", "not allowed"),
+    (dict(homeassistant__node_id="garage.left"), "homeassistant.node_id", '"garage.left"', "'.'"),
+    (dict(homeassistant__node_id="a/b"), "homeassistant.node_id", '"a/b"', "'/'"),
+    (dict(homeassistant__node_id=""), "homeassistant.node_id", '""', "is empty"),
+    (dict(homeassistant__node_id="x" * 65), "homeassistant.node_id", "xxxx", "longer than 64"),
+    (dict(homeassistant__node_id=7), "homeassistant.node_id", "7", "a string"),
+    (dict(homeassistant__device_name="  "), "homeassistant.device_name", '"  "', "is blank"),
+    (dict(homeassistant__birth_topic="homeassistant/#"), "homeassistant.birth_topic",
+     '"homeassistant/#"', "'#'"),
+    (dict(homeassistant__birth_topic="ha//status"), "homeassistant.birth_topic", '"ha//status"',
+     "empty topic level"),
+    (dict(homeassistant=[]), "homeassistant", "[]", "expected an object"),
+])
+def test_broken_homeassistant_setting_is_refused_naming_the_field(changes, path, bad, reason):
+    """Each bad value is refused with the field path, the value and what is wrong with it."""
+    message = _refused(_doc(**changes))
+    assert message.startswith(path + ": "), message
+    assert bad in message and reason in message, message
+
+
+def test_misspelt_homeassistant_field_gets_a_suggestion():
+    message = _refused(_doc(homeassistant__node="x"))
+    assert message.startswith("homeassistant.node: unknown field") and "node_id" in message
 
 
 # --- overrides ----------------------------------------------------------------------------

@@ -289,6 +289,32 @@ def test_register_going_backwards_closes_the_segment_and_bills_the_sum(tmp_path)
         verify(document, st.signer.public_key_der())
 
 
+def test_energy_so_far_follows_the_register_across_segments_and_ends_with_the_session(tmp_path):
+    """The live figure (telemetry's session_energy_wh): None before plug-in, 0 at the begin
+    reading, the register delta while charging, the sum of segments after a meter reset, and
+    the billed energy just before the end; None again once the session is over."""
+    st = Station(tmp_path)
+    st.unplugged()
+    st.idle(1)
+    assert st.engine.energy_so_far() is None
+    st.plugged()
+    assert st.engine.energy_so_far() == 0
+    st.charging()
+    st.flow(4)
+    assert st.engine.energy_so_far() == 12
+    st.register_wh = 100  # meter reset: segment 1 closes at 12 Wh, segment 2 begins at 100
+    st.flow(1)  # 103: the begin of segment 2
+    assert st.engine.energy_so_far() == 12
+    st.flow(2)
+    assert st.engine.energy_so_far() == 18
+    st.paused()
+    st.idle(1)
+    assert st.engine.energy_so_far() == 18
+    st.unplugged()
+    assert st.sessions("end")[0]["energy_wh"] == 18
+    assert st.engine.energy_so_far() is None
+
+
 def test_register_backwards_when_idle_is_never_negative(tmp_path):
     """A register that only ever falls bills 0 Wh, not a negative amount."""
     st = Station(tmp_path)

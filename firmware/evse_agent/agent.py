@@ -8,7 +8,9 @@ One asyncio task per concern (STYLE: micropython-async):
 - the supervisor runs the time-based safety checks when they fall due (it sleeps until the
   next deadline or the next input change, not on a fixed beat);
 - the forwarder replays the journal to the broker, paced by acknowledgements;
-- the technician console (``console``, if the board has one) serves its serial line.
+- the technician console (``console``, if the board has one) serves its serial line;
+- Home Assistant discovery (``discovery``, if ``homeassistant.enabled``) publishes the
+  station's entity configs after each connect (``ha_discovery``).
 
 Everything leaves through the outbox: session records, events and telemetry aggregates
 are journaled first; live telemetry and state go out at once. ``on_reading`` lets the
@@ -61,6 +63,7 @@ class Agent:
         self.forwarder = forwarder
         self.on_reading = on_reading
         self.console = None
+        self.discovery = None
         self.started_ms = clock.monotonic_ms()
         self.aggregator = Aggregator(config["journal"]["aggregate_interval_s"], meter.model.phases)
         self.topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
@@ -169,6 +172,8 @@ class Agent:
             tasks.append(asyncio.create_task(self.forwarder.run()))
         if self.console is not None:
             tasks.append(asyncio.create_task(self.console.run()))
+        if self.discovery is not None:
+            tasks.append(asyncio.create_task(self.discovery.run()))
         try:
             await tasks[0]
         finally:
@@ -254,7 +259,8 @@ class Agent:
                 next_telemetry += self._telemetry_ms
                 if next_telemetry <= now:
                     next_telemetry = now + self._telemetry_ms
-                self.outbox.post(self.topics.telemetry, telemetry_doc(reading))
+                session_energy = None if self.engine is None else self.engine.energy_so_far()
+                self.outbox.post(self.topics.telemetry, telemetry_doc(reading, session_energy))
 
     def _on_link_change(self, link, first=False):
         """The meter link changed (``first``: the first cycle told its state)."""
@@ -268,8 +274,9 @@ class Agent:
 
 
 def attach_charge_point(agent, store, signer, pins):
-    """Give ``agent`` its session engine, power monitor and input monitor, and continue an
-    open session: the same wiring on every port (``pins`` is the port's pin bank)."""
+    """Give ``agent`` its session engine, power monitor and input monitor, continue an open
+    session, and announce the station to Home Assistant if ``homeassistant.enabled``: the same
+    wiring on every port (``pins`` is the port's pin bank)."""
     from .events import PowerMonitor
     from .pilot import InputMonitor
     from .session import SessionEngine
@@ -289,3 +296,6 @@ def attach_charge_point(agent, store, signer, pins):
                                  lambda: store.next_number("event"))
     agent.inputs = InputMonitor(pins, config["io"], agent.clock, agent)
     agent.engine.restore()
+    if config["homeassistant"]["enabled"]:
+        from .ha_discovery import Discovery
+        agent.discovery = Discovery(config, model, agent.outbox.publisher, __version__)

@@ -60,6 +60,47 @@ def _gpio_lines(count):
     return check
 
 
+def _topic_name(value):
+    """Check for a topic name without wildcards: non-empty levels of printable ASCII."""
+    if not value:
+        return "is empty"
+    for ch in value:
+        if ch in "+#" or ord(ch) < 33 or ord(ch) > 126:
+            return "contains %r; use letters, digits, '-', '_', '.' and '/' between levels" % ch
+    if value[0] == "/" or value[-1] == "/" or "//" in value:
+        return "has an empty topic level"
+    if len(value) > 128:
+        return "is longer than 128 characters"
+    return None
+
+
+# Home Assistant's discovery topic levels (node_id, object_id) take only these characters
+# (homeassistant/components/mqtt/discovery.py, TOPIC_MATCHER).
+HA_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+
+
+def ha_node_id(station_id):
+    """The default ``homeassistant.node_id``: the station id with every character Home
+    Assistant does not take in a discovery topic level replaced by ``_``."""
+    return "".join(ch if ch in HA_ID_CHARS else "_" for ch in station_id)
+
+
+def _ha_id(value):
+    """Check for a Home Assistant discovery topic level: ``[a-zA-Z0-9_-]+``."""
+    if not value:
+        return "is empty"
+    for ch in value:
+        if ch not in HA_ID_CHARS:
+            return "contains %r; Home Assistant takes only letters, digits, '_' and '-'" % ch
+    if len(value) > 64:
+        return "is longer than 64 characters"
+    return None
+
+
+def _not_blank(value):
+    return "is blank" if not value.strip() else None
+
+
 _BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 
 _HEX = "0123456789abcdef"
@@ -191,6 +232,20 @@ SCHEMA = {
             "insecure": Field(bool, False, help="skip host name check (testing only)"),
         },
     },
+    "homeassistant": {
+        "enabled": Field(bool, True,
+                         help="publish Home Assistant MQTT discovery configs (retained) on connect"),
+        "prefix": Field(str, "homeassistant", check=_topic_name,
+                        help="Home Assistant's discovery prefix"),
+        "node_id": Field(str, None, nullable=True, check=_ha_id,
+                         help="discovery topic level of this station; default: station_id with "
+                              "characters other than a-z A-Z 0-9 _ - replaced by _"),
+        "device_name": Field(str, None, nullable=True, check=_not_blank,
+                             help="device name shown in Home Assistant; default: station_id"),
+        "birth_topic": Field(str, "homeassistant/status", nullable=True, check=_topic_name,
+                             help="Home Assistant's birth message topic: the configs are published "
+                                  "again when it says online; null: only on connect"),
+    },
     "console": {
         "port": Field(str, None, nullable=True,
                       help='serial device of the technician console; "pty" makes a '
@@ -315,6 +370,9 @@ def validate(doc):
                           % (mqtt["reconnect_min_s"], mqtt["reconnect_max_s"]))
     if mqtt["client_id"] is None:
         mqtt["client_id"] = "evse-agent-" + config["station_id"]
+    homeassistant = config["homeassistant"]
+    if homeassistant["node_id"] is None:
+        homeassistant["node_id"] = ha_node_id(config["station_id"])
     return config
 
 

@@ -624,20 +624,9 @@ class Console:
         ending = " (%d waiting for the end reading)" % len(engine.ending) if engine.ending else ""
         if session is None:
             return "none" + ending
-        energy = self._energy_so_far(session)
+        energy = engine.energy_so_far()
         return "%s, %s, %s Wh so far%s" % (session.id, session.period,
                                            "-" if energy is None else energy, ending)
-
-    def _energy_so_far(self, session):
-        """Billed energy of the closed segments plus the open one up to the latest reading."""
-        if not session.segments:
-            return None
-        total = session.energy_wh
-        segment = session.segments[-1]
-        latest = self.agent.engine.latest
-        if segment["end"] is None and latest is not None and latest.energy_wh is not None:
-            total += max(0, latest.energy_wh - segment["begin"]["energy_wh"])
-        return total
 
     def _meter_text(self, now_ms):
         link = self.agent.meter.link
@@ -830,7 +819,7 @@ class Console:
 
     def _show_open(self, session):
         begin = session.segments[0]["begin"] if session.segments else None
-        energy = self._energy_so_far(session)
+        energy = self.agent.engine.energy_so_far()
         self._table((
             ("session", "%s (open, %s)" % (session.id, session.period)),
             ("plug-in", "%s UTC" % _date_time(session.plug_in_time)),

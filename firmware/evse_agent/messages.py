@@ -57,8 +57,11 @@ def _rounded(values, digits):
     return [None if v is None else round(v, digits) for v in values]
 
 
-def telemetry_doc(reading):
-    """The telemetry message body for one reading (``seq`` is added by the outbox)."""
+def telemetry_doc(reading, session_energy_wh=None):
+    """The telemetry message body for one reading (``journal_seq`` is added by the outbox).
+
+    ``session_energy_wh`` is the open session's energy so far (``SessionEngine.energy_so_far``),
+    for live display; null without an open session."""
     return {
         "ts": iso_utc(reading.time),
         "voltage_v": _rounded(reading.voltage, 2),
@@ -69,6 +72,7 @@ def telemetry_doc(reading):
         "energy_wh": reading.energy_wh,
         "energy_resolution_mwh": reading.energy_resolution_mwh,
         "meter_serial": reading.serial,
+        "session_energy_wh": session_energy_wh,
     }
 
 

@@ -462,6 +462,20 @@ class SessionEngine:
         if session is not None and event.end is None:
             session.events.append({"number": event.number, "type": event.type, "severity": event.severity})
 
+    def energy_so_far(self):
+        """Energy of the open session up to the latest reading, integer Wh: its closed
+        segments plus the open one so far; None without an open session or before its begin
+        reading. For live display (telemetry, console): the billed energy is the end record's."""
+        session = self.session
+        if session is None or not session.segments:
+            return None
+        total = session.energy_wh
+        segment = session.segments[-1]
+        latest = self.latest
+        if segment["end"] is None and latest is not None and latest.energy_wh is not None:
+            total += max(0, latest.energy_wh - segment["begin"]["energy_wh"])
+        return total
+
     def state_doc(self):
         inputs = self.inputs
         session = self.session

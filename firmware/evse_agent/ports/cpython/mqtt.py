@@ -4,7 +4,8 @@ Callbacks are thin: they record link state and acknowledgements; the core calls
 ``publish`` and collects ``drain_acked`` for the QoS 1 records it tracks. paho runs its network
 loop in its own thread and resends unacknowledged QoS 1 messages after a reconnect;
 ``on_activity`` (set by the port's wiring) is called from that thread on every PUBACK
-and connection change.
+and connection change. ``subscribe`` takes the few topics the core listens to (Home
+Assistant's birth message); the session is clean, so they are subscribed again on every connect.
 """
 
 import asyncio
@@ -38,6 +39,7 @@ class MqttPublisher:
         self._watched = set()  # mids of QoS 1 messages the core tracks
         self._acked = set()
         self._early = {}  # mid -> monotonic time: PUBACKs (or QoS 0 sends) not yet matched
+        self._subscriptions = {}  # topic -> on_message(payload bytes)
         client = paho.Client(
             callback_api_version=paho.CallbackAPIVersion.VERSION2,
             client_id=mqtt_config["client_id"],
@@ -84,6 +86,15 @@ class MqttPublisher:
         if info.rc == paho.MQTT_ERR_SUCCESS:
             return info.mid
         return None
+
+    def subscribe(self, topic, on_message):
+        """Call ``on_message(payload)`` (bytes) for every message on ``topic``, from now on and
+        after every reconnect. It runs in paho's network thread: it must be quick and only
+        hand the message over (set a flag, queue it)."""
+        self._subscriptions[topic] = on_message
+        self.client.message_callback_add(topic, lambda client, userdata, message: on_message(message.payload))
+        if self.connected:
+            self.client.subscribe(topic, qos=1)
 
     async def round_trip(self, topic, timeout_s):
         """Publish a probe on ``topic`` and receive it back through this client's own
@@ -167,6 +178,8 @@ class MqttPublisher:
         self.connected = True
         self.connects += 1
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
         log.info("MQTT connected to %s:%s" % (self.config["host"], self.config["port"]))
         self._connected_event.set()
         self._signal()

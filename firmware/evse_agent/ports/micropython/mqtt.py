@@ -7,11 +7,16 @@ blocks (and would starve the watchdog task); instead ``run()`` reconnects with b
 (``mqtt.reconnect_min_s`` .. ``reconnect_max_s``), publishes the retained ``online`` status
 on connect, sets the last will to ``offline``, and sends PINGREQ every keepalive / 2. Every
 socket operation has a timeout, so a dead broker costs seconds, not the station.
+
+``subscribe`` takes the few topics the core listens to (Home Assistant's birth message); they
+are subscribed again on every connect, and ``run`` reads incoming messages once a second with
+``check_msg``. A callback may be called in the middle of a ``publish`` (umqtt reads whatever
+arrives while it waits for the PUBACK), so callbacks only hand the message over.
 """
 
 import asyncio
 
-from umqtt.simple import MQTTClient
+from umqtt.simple import MQTTClient, MQTTException
 
 from ... import log
 
@@ -34,6 +39,7 @@ class UmqttPublisher:
         self._last_io_ms = 0
         self.client = None
         self._stopping = False
+        self._subscriptions = {}  # topic -> on_message(payload bytes)
 
     def _new_client(self):
         config = self.config
@@ -61,12 +67,36 @@ class UmqttPublisher:
             client.connect()
         client.sock.settimeout(SOCKET_TIMEOUT_S)
         client.publish(self.status_topic, ONLINE, True, 1)
+        client.set_callback(self._on_message)
+        for topic in self._subscriptions:
+            self._subscribe(client, topic)
         self.client = client
         self.connected = True
         self.connects += 1
         self._last_io_ms = self.clock.monotonic_ms()
         log.info("MQTT connected to %s:%s" % (self.config["host"], self.config["port"]))
         self._signal()
+
+    def subscribe(self, topic, on_message):
+        """Call ``on_message(payload)`` (bytes) for every message on ``topic``, from the next
+        check on and after every reconnect."""
+        self._subscriptions[topic] = on_message
+        if self.connected:
+            try:
+                self._subscribe(self.client, topic)
+            except OSError as error:
+                self._lost(error)
+
+    def _subscribe(self, client, topic):
+        try:
+            client.subscribe(topic, 1)
+        except MQTTException as error:  # SUBACK 0x80: the broker refused (ACL)
+            log.warning("MQTT broker refused the subscription to %s (%s)" % (topic, error))
+
+    def _on_message(self, topic, payload):
+        on_message = self._subscriptions.get(topic.decode() if isinstance(topic, bytes) else topic)
+        if on_message is not None:
+            on_message(payload)
 
     def _lost(self, error):
         if self.connected:
@@ -127,7 +157,7 @@ class UmqttPublisher:
                 if self.clock.monotonic_ms() - self._last_io_ms >= keepalive_ms // 2:
                     self.client.ping()
                     self._last_io_ms = self.clock.monotonic_ms()
-                self.client.check_msg()  # consumes PINGRESP (we subscribe to nothing)
+                self.client.check_msg()  # one PINGRESP or subscribed message, if any
             except OSError as error:
                 self._lost(error)
             await asyncio.sleep(1)
