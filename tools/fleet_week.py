@@ -11,8 +11,8 @@ link do, and a fast clock steps through it without waiting. The import register 
 exactly power x time in integer Wh (charging powers are multiples of 60 W, so a minute at
 constant power is a whole number of Wh).
 
-The schedule is seeded per station: weekday evening peaks (some cars stay overnight), some
-daytime charging, weekend sessions, pauses, one charger type per session (3.72 kW and 7.38 kW
+The schedule is seeded per station: weekday evening peaks (some cars stay overnight, some
+charge past midnight), some daytime charging, weekend sessions, pauses, one charger type per session (3.72 kW and 7.38 kW
 single-phase, 11.04 kW three-phase), and faults the monitor raises deterministically:
 overcurrent (the advertised current lowered while the car keeps drawing), meter offline (the
 meter stops answering for three polls), supply voltage out of band, pilot error (state E) and
@@ -112,6 +112,8 @@ def plan_sessions(rng, days):
                 starts.append(("day", base + rng.randint(8 * 60, 13 * 60)))
             if rng.random() < 0.9:
                 starts.append(("evening", base + rng.randint(16 * 60 + 30, 19 * 60 + 30)))
+            if rng.random() < 0.3:
+                starts.append(("late", base + rng.randint(21 * 60 + 30, 23 * 60)))  # charges past midnight
         else:
             for _ in range(rng.choice((1, 2, 2))):
                 starts.append(("weekend", base + rng.randint(9 * 60, 17 * 60)))
@@ -119,7 +121,7 @@ def plan_sessions(rng, days):
             if plug < free_from + 20:
                 continue
             charger = rng.choice(CHARGERS)
-            charge_min = rng.randint(60, 240) if kind == "evening" else rng.randint(30, 150)
+            charge_min = rng.randint(60, 240) if kind in ("evening", "late") else rng.randint(30, 150)
             begin = plug + rng.randint(1, 4)
             if charge_min >= 60 and rng.random() < 0.3:
                 first = rng.randint(20, charge_min - 20)
@@ -128,7 +130,7 @@ def plan_sessions(rng, days):
             else:
                 periods = [(begin, begin + charge_min)]
             charged_until = periods[-1][1]
-            if kind == "evening" and day + 1 < days and rng.random() < 0.45:
+            if kind in ("evening", "late") and day + 1 < days and (kind == "late" or rng.random() < 0.45):
                 unplug = (day + 1) * DAY_MIN + rng.randint(6 * 60 + 30, 8 * 60)  # overnight
             elif rng.random() < 0.1:
                 unplug = charged_until  # unplugged while still charging
