@@ -32,17 +32,12 @@ class StationSequence:
 
     def missing(self):
         """The seqs not seen below the highest one seen, as (first, last) ranges."""
-        if not self.ahead:
-            return []
         ranges = []
-        start = None
-        for seq in range(self.contiguous + 1, max(self.ahead) + 1):
-            if seq in self.ahead:
-                if start is not None:
-                    ranges.append((start, seq - 1))
-                    start = None
-            elif start is None:
-                start = seq
+        previous = self.contiguous
+        for seq in sorted(self.ahead):  # walk what was seen, not every number in between
+            if seq > previous + 1:
+                ranges.append((previous + 1, seq - 1))
+            previous = seq
         return ranges
 
 
