@@ -190,11 +190,21 @@ class Store:
     ``?`` placeholders on both. Not shared between threads: open one per thread.
     """
 
-    def __init__(self, connection, dialect, url):
+    def __init__(self, connection, dialect, url, data_errors, failures, connect):
         self.connection = connection
         self.dialect = dialect
         self.url = url
+        # Errors that mean "the database refuses these values", not "the database failed".
+        self.data_errors = data_errors + (OverflowError, UnicodeEncodeError)
+        # Errors that mean "the database failed" (down, locked, disk): worth a retry.
+        self.failures = failures
+        self._connect = connect
         self._in_transaction = False
+
+    def ensure_connected(self):
+        """Open a new connection if the server closed this one (PostgreSQL restarted)."""
+        if self.dialect == "postgresql" and self.connection.closed:
+            self.connection = self._connect(self.url)
 
     def _sql(self, sql):
         return sql if self.dialect == "sqlite" else format_params(sql)
@@ -231,15 +241,15 @@ class Store:
         self._in_transaction = True
         try:
             yield self
+            self.execute("COMMIT")
         except BaseException:
-            self._in_transaction = False
             try:
                 self.execute("ROLLBACK")
             except Exception:
                 pass  # the connection itself failed: the original error says more
             raise
-        self._in_transaction = False
-        self.execute("COMMIT")
+        finally:
+            self._in_transaction = False
 
     @contextlib.contextmanager
     def savepoint(self, name="item"):
@@ -268,6 +278,18 @@ class Store:
             raise ValueError("database %s has schema version %s, this collector knows %d"
                              % (redacted(self.url), version, SCHEMA_VERSION))
 
+    def add_counters(self, counts):
+        """Add ``{name: n}`` to the ``counters`` table (inside the caller's transaction, if any)."""
+        for name, value in sorted(counts.items()):
+            if value:
+                self.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
+                             "DO UPDATE SET value = counters.value + excluded.value", (name, value))
+
+    def count(self, counts):
+        """``add_counters`` in a transaction of its own."""
+        with self.transaction():
+            self.add_counters(counts)
+
     def close(self):
         self.connection.close()
 
@@ -278,7 +300,7 @@ class Store:
         self.close()
 
 
-def _connect_sqlite(url):
+def _sqlite_connection(url):
     path = sqlite_path(url)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -290,7 +312,17 @@ def _connect_sqlite(url):
     connection.execute("PRAGMA busy_timeout = %d" % SQLITE_BUSY_TIMEOUT_MS)
     connection.execute("PRAGMA journal_mode = WAL")
     connection.execute("PRAGMA synchronous = FULL")
-    return Store(connection, "sqlite", url)
+    return connection
+
+
+def _connect_sqlite(url):
+    return Store(_sqlite_connection(url), "sqlite", url, (sqlite3.DataError, sqlite3.IntegrityError),
+                 (sqlite3.OperationalError,), _sqlite_connection)
+
+
+def _postgresql_connection(url):
+    import psycopg
+    return psycopg.connect(url, autocommit=True)
 
 
 def _connect_postgresql(url):
@@ -300,10 +332,17 @@ def _connect_postgresql(url):
         raise ValueError("database %s needs psycopg 3: pip install 'psycopg[binary]'"
                          % redacted(url)) from None
     try:
-        connection = psycopg.connect(url, autocommit=True)
+        connection = _postgresql_connection(url)
     except psycopg.Error as error:
         raise ValueError("cannot connect to %s: %s" % (redacted(url), error)) from None
-    return Store(connection, "postgresql", url)
+    return Store(connection, "postgresql", url, (psycopg.DataError, psycopg.IntegrityError),
+                 (psycopg.OperationalError, psycopg.InterfaceError), _postgresql_connection)
+
+
+def add_db_argument(parser):
+    """``--db URL`` (required) on an argparse parser; the value lands in ``args.db``."""
+    parser.add_argument("--db", required=True, metavar="URL",
+                        help="SQLite file (path or sqlite:///PATH) or postgresql://USER@HOST:PORT/DB")
 
 
 def open_store(url, create=True):
