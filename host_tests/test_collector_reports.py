@@ -322,3 +322,30 @@ def test_report_options_name_the_bad_value(fleet, capsys):
                      "--until", "2026-11-23")
     assert status == 2
     assert "2026-11-23T00:00:00.000Z is not after" in capsys.readouterr().err
+
+
+def test_summaries_count_only_where_no_aggregate_arrived(tmp_path):
+    """A summary stands for folded aggregates: where some of them were delivered anyway the
+    summary is left out, elsewhere its mean power and share of charging count."""
+    with open_store(str(tmp_path / "summaries.sqlite")) as store:
+        rows = [
+            # two delivered aggregates, charging 11.04 kW throughout
+            (1, "aggregate", "2026-11-23T10:00:00.000Z", "2026-11-23T10:15:00.000Z", 11040.0, 11040.0, 11040.0),
+            (2, "aggregate", "2026-11-23T10:15:00.000Z", "2026-11-23T10:30:00.000Z", 11040.0, 11040.0, 11040.0),
+            # a summary of the same hour: already counted through its aggregates
+            (3, "summary", "2026-11-23T10:00:00.000Z", "2026-11-23T11:00:00.000Z", 0.0, 5520.0, 11040.0),
+            # a summary whose aggregates never arrived: half an hour charging of one
+            (4, "summary", "2026-11-23T12:00:00.000Z", "2026-11-23T13:00:00.000Z", 0.0, 5520.0, 11040.0),
+        ]
+        for seq, kind, start, end, low, avg, high in rows:
+            store.execute('INSERT INTO aggregates (station, seq, kind, start, "end", power_min_w, power_avg_w, '
+                          "power_max_w) VALUES ('s-1', ?, ?, ?, ?, ?, ?, ?)", (seq, kind, start, end, low, avg, high))
+        data = report.load(store, None, report.Window(report.parse_time("2026-11-23"), report.parse_time("2026-11-24")))
+    assert [(item["kind"], item["start"]) for item in data.aggregates["s-1"]] == [
+        ("aggregate", report.parse_time("2026-11-23T10:00Z")), ("aggregate", report.parse_time("2026-11-23T10:15Z")),
+        ("summary", report.parse_time("2026-11-23T12:00Z"))]
+    figures = report.utilisation(data)["s-1"]
+    assert figures["charging"] == 1800 + 1800
+    assert figures["available"] == 86400 - 3600  # no session records: the charging is still not available time
+    power = report.peak_hours(data)["power_w"][0]  # Monday
+    assert (power[10], power[12]) == (5520.0, 5520.0)

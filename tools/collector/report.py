@@ -395,7 +395,9 @@ def utilisation(data):
         charging = _charging_seconds(data, station)
         faulted_connected = overlap(connected, faulted)
         idle = max(0.0, length(connected) - faulted_connected - charging)
-        busy = length(connected) + length(faulted) - faulted_connected
+        # Charging the session records do not cover (their records missing) is not available time.
+        unplugged_charging = max(0.0, charging - (length(connected) - faulted_connected))
+        busy = length(connected) + length(faulted) - faulted_connected + unplugged_charging
         result[station] = {"charging": charging, "connected_idle": idle, "faulted": length(faulted),
                            "available": max(0.0, window_s - busy), "window_s": window_s}
     return result
