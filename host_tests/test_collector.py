@@ -35,6 +35,7 @@ from evse_agent.reading import Reading
 from evse_agent.session import SessionEngine
 from evse_agent.store import StateStore
 from evse_tools.broker import Mosquitto
+from evse_tools.collector.ingest import Ingestor, Message
 from evse_tools.collector.keys import pem_of, register_key
 from evse_tools.collector.main import main as collector_main
 from evse_tools.collector.main import status_doc
@@ -406,6 +407,29 @@ def test_redelivered_and_out_of_order_records_are_stored_once_and_gaps_tracked(b
     assert stored_seqs(db_url, "st-2") == [1, 2, 3, 5, 7, 8, 9]
 
 
+def test_a_restarted_collector_takes_up_the_gaps_from_the_database(db_url):
+    """A new Ingestor (a restarted or second collector, empty cache) on a database with
+    gaps: records filling them, and a summary covering the rest, bring the gaps to none."""
+    def deliver(*seqs, summary=None):
+        messages = [Message("evse/st-9/aggregate", json.dumps(aggregate("st-9", seq, seq)).encode()) for seq in seqs]
+        if summary is not None:
+            messages.append(Message("evse/st-9/aggregate", json.dumps(summary).encode()))
+        with open_store(db_url) as store:
+            return Ingestor(store).store_batch(messages)
+
+    deliver(1, 2, 3, 5, 8, 10)
+    assert rows(db_url, "SELECT first_seq, last_seq FROM gaps ORDER BY first_seq") == [(4, 4), (6, 7), (9, 9)]
+    result = deliver(6, 6, 2)
+    assert (result.stored, result.duplicates) == (1, 2)
+    assert rows(db_url, "SELECT first_seq, last_seq FROM gaps ORDER BY first_seq") == [(4, 4), (7, 7), (9, 9)]
+    deliver(summary={"kind": "summary", "covers_seq": [[4, 4], [7, 7]], "aggregates": 2, "station": "st-9",
+                     "seq": 11, "start": "2026-11-25T06:04:00.000Z", "end": "2026-11-25T06:07:10.000Z"})
+    assert rows(db_url, "SELECT first_seq, last_seq FROM gaps") == [(9, 9)]
+    deliver(9)
+    assert rows(db_url, "SELECT * FROM gaps") == []
+    assert stored_seqs(db_url, "st-9") == [1, 2, 3, 5, 6, 8, 9, 10, 11]
+
+
 def test_tampered_and_unkeyed_documents_are_stored_but_flagged(broker, raw, stations, collector, db_url,
                                                                tmp_path):
     """A session record with one changed byte in a signed reading, one whose energy does not
@@ -464,6 +488,7 @@ def test_malformed_messages_are_counted_and_skipped(broker, raw, collector, db_u
         ("evse/st-5/status", b"maybe"),
         ("evse/st-5/telemetry", b"\xff\xfe"),
         ("evse/st-5/session", '{"event": "start", "session_id": "\\ud800", "station": "st-5", "seq": 7}'),
+        ("evse/st-5/aggregate", "[" * 100000 + "]" * 100000),
     ]
     good = 0
     for number, (topic, payload) in enumerate(bad):

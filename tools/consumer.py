@@ -63,6 +63,17 @@ class SequenceTracker:
                     state.mark(covered)
         return True
 
+    def assume_seen(self, station, upto):
+        """Take every seq up to ``upto`` of ``station`` as seen: a consumer resuming from a
+        position it stored (instead of offering each earlier seq again)."""
+        state = self.stations.get(station)
+        if state is None:
+            state = self.stations[station] = StationSequence()
+        if upto > state.contiguous:
+            state.contiguous = upto
+            state.ahead = {seq for seq in state.ahead if seq > upto}
+            state.mark(upto)
+
     def accept_message(self, body):
         """``accept`` for a decoded message body; live messages (no ``seq``) pass through."""
         if not isinstance(body, dict) or "seq" not in body:

@@ -10,7 +10,8 @@ The database decides what is a duplicate (``records`` has ``(station, seq)`` as 
 key and every insert is ``ON CONFLICT DO NOTHING``), so redeliveries, replays and several
 collectors writing to one database store each record once. Gaps use
 ``evse_tools.consumer.SequenceTracker`` as a cache of what the database holds: seeded
-from the database the first time a station is seen, updated with each stored record, and
+from the database the first time a station is seen (everything below the station's first
+stored gap counts as seen; the records above it are read), updated with each stored record, and
 re-read from the database over its holes and above its highest seq before the
 ``gaps`` rows are rewritten — so records another collector stored close gaps here too.
 """
@@ -212,6 +213,8 @@ def _json_body(message):
         body = json.loads(message.payload)
     except (ValueError, UnicodeDecodeError) as error:
         raise Malformed("payload is not JSON (%s)" % error) from None
+    except RecursionError:
+        raise Malformed("payload is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise Malformed("payload is JSON %s, not an object" % type(body).__name__)
     return body
@@ -313,6 +316,10 @@ class Ingestor:
         try:
             with self.store.transaction():
                 self._update_stations(stations)
+                for station in sorted({record.station for record in records}):
+                    if station not in self.tracker.stations:
+                        touched.add(station)
+                        self._seed(station)
                 stored = []
                 for record in records:
                     outcome = self._store_record(record)
@@ -479,13 +486,21 @@ class Ingestor:
                                   "ORDER BY seq", (station, first, last)):
             self.tracker.accept(station, seq)
 
+    def _seed(self, station):
+        """Start tracking ``station`` from the database: every seq below its first stored gap
+        is accounted for (the ``gaps`` rows are committed with the records), the rest is read."""
+        first_gap = self.store.scalar("SELECT MIN(first_seq) FROM gaps WHERE station = ?", (station,))
+        if first_gap is None:
+            accounted = self.store.scalar("SELECT MAX(seq) FROM records WHERE station = ?", (station,)) or 0
+        else:
+            accounted = first_gap - 1
+        self.tracker.assume_seen(station, accounted)
+        self._load(station, accounted + 1, MAX_SEQ)
+
     def _update_gaps(self, station, stored):
         tracker = self.tracker
-        if station not in tracker.stations:
-            self._load(station, 1, MAX_SEQ)
-        else:
-            for record in sorted(stored, key=lambda r: r.seq):
-                tracker.accept(station, record.seq, record.body if record.type == "summary" else None)
+        for record in sorted(stored, key=lambda r: r.seq):
+            tracker.accept(station, record.seq, record.body if record.type == "summary" else None)
         highest_stored = self.store.scalar("SELECT MAX(seq) FROM records WHERE station = ?", (station,)) or 0
         if highest_stored > tracker.highest(station):
             self._load(station, tracker.highest(station) + 1, highest_stored)
