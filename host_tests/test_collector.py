@@ -8,7 +8,6 @@ subscription writing to one database, and collect through a bridged second broke
 """
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess

@@ -18,7 +18,6 @@ import queue
 import socket
 import ssl
 import threading
-import time
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
