@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install the system packages the agent's host tooling needs, if they are missing:
 # python3 (3.11+) with venv, mosquitto (the MQTT broker tests and the demo run), and node
-# with npm (they run MicroPython's WebAssembly port for the core's MicroPython scenarios).
+# with npm (they run MicroPython's WebAssembly port for the core's MicroPython scenarios), and
+# the PostgreSQL server (the fleet collector's tests start a throwaway cluster of their own).
 # Debian/Ubuntu with apt-get; run as root (or with sudo available).
 set -eu
 
@@ -16,6 +17,9 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     missing="$missing nodejs npm"
+fi
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    missing="$missing postgresql"
 fi
 [ -z "$missing" ] && exit 0
 
@@ -38,7 +42,9 @@ if ! $SUDO apt-get update -qq || ! $SUDO apt-get install -y -qq --no-install-rec
     echo "bootstrap: error: apt-get could not install$missing" >&2
     exit 1
 fi
-# The Debian package enables a system broker on port 1883; the tests and demo start their own.
+# The Debian packages enable a system broker on port 1883 and a database cluster on port
+# 5432; the tests and demo start their own.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+    $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
 fi

@@ -39,9 +39,12 @@ class Mosquitto:
     The port stays the same across restarts, so clients reconnect to the same address.
     """
 
-    def __init__(self, port=None, persistence=False, tls_files=None, users=None):
+    def __init__(self, port=None, persistence=False, tls_files=None, users=None, bridge_to=None,
+                 bridge_topics=("evse/# in 1",)):
         """``tls_files``: (ca, cert, key) paths for a TLS listener; ``users``: {name: password}
-        to require a login (anonymous clients are then refused)."""
+        to require a login (anonymous clients are then refused); ``bridge_to``: another
+        Mosquitto to bridge with, exchanging ``bridge_topics`` (mosquitto ``topic`` lines:
+        ``in`` brings that broker's messages here, ``out`` sends ours there)."""
         self.binary = find_mosquitto()
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -64,6 +67,13 @@ class Mosquitto:
                 conf.write("allow_anonymous false\npassword_file %s\n" % password_file)
             else:
                 conf.write("allow_anonymous true\n")
+            if bridge_to is not None:
+                conf.write("connection bridge-%d\naddress %s:%d\n" % (bridge_to.port, bridge_to.host,
+                                                                     bridge_to.port))
+                for line in bridge_topics:
+                    conf.write("topic %s\n" % line)
+                # A persistent bridge session: what arrives while the link is down is kept.
+                conf.write("cleansession false\nrestart_timeout 1\nnotifications false\n")
             conf.write("persistence %s\n" % ("true" if persistence else "false"))
             if persistence:
                 conf.write("persistence_location %s/\n" % self._dir)

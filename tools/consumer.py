@@ -32,17 +32,12 @@ class StationSequence:
 
     def missing(self):
         """The seqs not seen below the highest one seen, as (first, last) ranges."""
-        if not self.ahead:
-            return []
         ranges = []
-        start = None
-        for seq in range(self.contiguous + 1, max(self.ahead) + 1):
-            if seq in self.ahead:
-                if start is not None:
-                    ranges.append((start, seq - 1))
-                    start = None
-            elif start is None:
-                start = seq
+        previous = self.contiguous
+        for seq in sorted(self.ahead):  # walk what was seen, not every number in between
+            if seq > previous + 1:
+                ranges.append((previous + 1, seq - 1))
+            previous = seq
         return ranges
 
 
@@ -67,6 +62,17 @@ class SequenceTracker:
                 for covered in range(first, last + 1):
                     state.mark(covered)
         return True
+
+    def assume_seen(self, station, upto):
+        """Take every seq up to ``upto`` of ``station`` as seen: a consumer resuming from a
+        position it stored (instead of offering each earlier seq again)."""
+        state = self.stations.get(station)
+        if state is None:
+            state = self.stations[station] = StationSequence()
+        if upto > state.contiguous:
+            state.contiguous = upto
+            state.ahead = {seq for seq in state.ahead if seq > upto}
+            state.mark(upto)
 
     def accept_message(self, body):
         """``accept`` for a decoded message body; live messages (no ``seq``) pass through."""

@@ -131,7 +131,7 @@ def load_public_key(spec):
     return key
 
 
-def _energy_wh(reading, which):
+def reading_energy_wh(reading, which):
     """A reading's value converted to Wh exactly (RU Wh or kWh)."""
     value, unit = reading.get("RV"), reading.get("RU")
     if not isinstance(value, (int, decimal.Decimal)) or isinstance(value, bool):
@@ -201,7 +201,7 @@ def check_session(documents):
     if begin.get("RI") != end.get("RI"):
         raise Invalid("begin and end read different registers RI %r and %r"
                       % (begin.get("RI"), end.get("RI")))
-    billed = _energy_wh(end, "end") - _energy_wh(begin, "begin")
+    billed = reading_energy_wh(end, "end") - reading_energy_wh(begin, "begin")
     if billed < 0:
         raise Invalid("end reading %s is below begin reading %s" % (end.get("RV"), begin.get("RV")))
     return billed, notes

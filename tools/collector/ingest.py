@@ -1,0 +1,527 @@
+"""From MQTT messages to rows: check each message, store every journaled record once,
+keep the stations' sequence gaps current, verify session records' OCMF documents.
+
+A batch of messages is stored in one transaction, committed before any of them is
+acknowledged to the broker: a crash leaves each message either stored or still owed by
+the broker. Inside the batch each record has its own savepoint, so a record the database
+refuses is counted as malformed without taking the others with it.
+
+The database decides what is a duplicate (``records`` has ``(station, seq)`` as primary
+key and every insert is ``ON CONFLICT DO NOTHING``), so redeliveries, replays and several
+collectors writing to one database store each record once. Gaps use
+``evse_tools.consumer.SequenceTracker`` as a cache of what the database holds: seeded
+from the database the first time a station is seen (everything below the station's first
+stored gap counts as seen; the records above it are read), updated with each stored record, and
+re-read from the database over its holes and above its highest seq before the
+``gaps`` rows are rewritten — so records another collector stored close gaps here too.
+"""
+
+import json
+import logging
+import time
+
+from evse_agent.messages import iso_utc
+from evse_tools.consumer import SequenceTracker
+
+from .verify import verify_session
+
+log = logging.getLogger("evse.collector")
+
+JOURNALED_CHANNELS = ("session", "event", "aggregate")
+LIVE_CHANNELS = ("telemetry", "meter", "state")
+STATUS_CHANNEL = "status"
+STATUS_VALUES = ("online", "offline")
+SESSION_EVENTS = ("start", "begin", "end")
+MAX_SEQ = (1 << 63) - 1
+LOGGED_PAYLOAD_CHARS = 120
+
+SESSION_COLUMNS = ("plug_in", "unplug", "begin_wh", "end_wh", "energy_wh", "plugged_s",
+                   "charging_s", "idle_s", "max_power_w", "avg_power_w", "segments", "flags",
+                   "ocmf_begin", "ocmf_end", "ocmf_documents", "verified", "verify_error")
+
+
+class Malformed(ValueError):
+    """A message that cannot be stored; the text says what is wrong with it."""
+
+
+class Message:
+    """One delivered message: topic, payload bytes, QoS, receive time (ISO UTC), and the
+    broker's packet id (``mid``) the collector acknowledges once it is stored."""
+
+    __slots__ = ("topic", "payload", "qos", "received_at", "mid")
+
+    def __init__(self, topic, payload, qos=1, received_at=None, mid=None):
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.received_at = received_at or iso_utc(time.time())
+        self.mid = mid
+
+
+class Record:
+    """A journaled record that passed the checks, with the row for its type's table."""
+
+    __slots__ = ("station", "seq", "type", "ts", "body", "row", "received_at", "payload")
+
+    def __init__(self, station, seq, rtype, ts, body, row, received_at, payload):
+        self.station = station
+        self.seq = seq
+        self.type = rtype
+        self.ts = ts
+        self.body = body
+        self.row = row
+        self.received_at = received_at
+        self.payload = payload
+
+
+class BatchResult:
+    """What one batch did: counts by outcome."""
+
+    __slots__ = ("received", "stored", "duplicates", "malformed", "live", "ignored")
+
+    def __init__(self):
+        self.received = self.stored = self.duplicates = self.malformed = self.live = self.ignored = 0
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+# -- field checks --------------------------------------------------------------------------
+
+
+def _field(body, key, kind, required=False):
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise Malformed("field %r is missing" % key)
+        return None
+    if kind == "text":
+        ok = isinstance(value, str)
+    elif kind == "integer":
+        ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_SEQ
+    elif kind == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
+    elif kind == "list":
+        ok = isinstance(value, list)
+    elif kind == "object":
+        ok = isinstance(value, dict)
+    else:
+        raise ValueError("unknown field kind %r" % kind)
+    if not ok:
+        raise Malformed("field %r is %s, expected %s" % (key, _brief(value), kind))
+    return value
+
+
+def _brief(value):
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _stat(body, key, part):
+    """``body[key][part]`` of a min/avg/max statistic, or None."""
+    stat = _field(body, key, "object")
+    return None if stat is None else _field(stat, part, "number")
+
+
+def _texts(body, key):
+    values = _field(body, key, "list") or []
+    if not all(isinstance(value, str) for value in values):
+        raise Malformed("field %r must be a list of strings" % key)
+    return values
+
+
+def _register(body, which):
+    reading = _field(body, which, "object")
+    return None if reading is None else _field(reading, "energy_wh", "integer")
+
+
+def session_row(body):
+    """The ``sessions`` values of a session record (verification added later)."""
+    if body.get("event") not in SESSION_EVENTS:
+        raise Malformed("field 'event' is %s, expected one of %s" % (_brief(body.get("event")),
+                                                                      ", ".join(SESSION_EVENTS)))
+    if not _field(body, "session_id", "text", required=True):
+        raise Malformed("field 'session_id' is empty")
+    documents = _texts(body, "ocmf_documents")
+    return {
+        "session_id": body["session_id"],
+        "event": body["event"],
+        "plug_in": _field(body, "plug_in", "text"),
+        "unplug": _field(body, "unplug", "text"),
+        "begin_wh": _register(body, "begin"),
+        "end_wh": _register(body, "end"),
+        "energy_wh": _field(body, "energy_wh", "integer"),
+        "plugged_s": _field(body, "plugged_s", "number"),
+        "charging_s": _field(body, "charging_s", "number"),
+        "idle_s": _field(body, "idle_s", "number"),
+        "max_power_w": _field(body, "max_power_w", "number"),
+        "avg_power_w": _field(body, "avg_power_w", "number"),
+        "segments": _field(body, "segments", "integer"),
+        "flags": json.dumps(_texts(body, "flags")),
+        "ocmf_begin": _field(body, "ocmf_begin", "text"),
+        "ocmf_end": _field(body, "ocmf_end", "text"),
+        "ocmf_documents": json.dumps(documents),
+    }
+
+
+def event_row(body):
+    """The ``events`` values of an event record."""
+    return {
+        "event_number": _field(body, "event_number", "integer"),
+        "type": _field(body, "type", "text", required=True),
+        "severity": _field(body, "severity", "text"),
+        "state": _field(body, "state", "text"),
+        "start": _field(body, "start", "text"),
+        "end": _field(body, "end", "text"),
+        "session_id": _field(body, "session_id", "text"),
+        "values_json": json.dumps(body.get("values")),
+    }
+
+
+def aggregate_row(body):
+    """The ``aggregates`` values of an aggregate or summary record."""
+    kind = body.get("kind")
+    if kind not in ("aggregate", "summary"):
+        raise Malformed("field 'kind' is %s, expected aggregate or summary" % _brief(kind))
+    covers = None
+    if kind == "summary":
+        runs = _field(body, "covers_seq", "list", required=True)
+        for run in runs:
+            if (not isinstance(run, list) or len(run) != 2
+                    or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_SEQ for n in run)
+                    or run[0] > run[1]):
+                raise Malformed("field 'covers_seq' holds %s, expected [first, last] seq runs" % _brief(run))
+        covers = json.dumps(runs)
+    return {
+        "kind": kind,
+        "start": _field(body, "start", "text", required=True),
+        "end": _field(body, "end", "text", required=True),
+        "samples": _field(body, "samples", "integer"),
+        "aggregates": _field(body, "aggregates", "integer"),
+        "energy_wh_start": _field(body, "energy_wh_first", "integer"),
+        "energy_wh_end": _field(body, "energy_wh_last", "integer"),
+        "power_min_w": _stat(body, "power_total_w", "min"),
+        "power_avg_w": _stat(body, "power_total_w", "avg"),
+        "power_max_w": _stat(body, "power_total_w", "max"),
+        "frequency_avg_hz": _stat(body, "frequency_hz", "avg"),
+        "covers_seq": covers,
+    }
+
+
+def _json_body(message):
+    try:
+        body = json.loads(message.payload)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise Malformed("payload is not JSON (%s)" % error) from None
+    except RecursionError:
+        raise Malformed("payload is JSON nested too deeply") from None
+    if not isinstance(body, dict):
+        raise Malformed("payload is JSON %s, not an object" % type(body).__name__)
+    return body
+
+
+def topic_parts(prefix, topic):
+    """(station, channel) of ``<prefix>/<station>/<channel>``; None for other topics."""
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != prefix or not parts[1]:
+        return None
+    return parts[1], parts[2]
+
+
+def parse_record(station, channel, message):
+    """The Record of a journaled message; Malformed says why it cannot be stored."""
+    body = _json_body(message)
+    seq = body.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq <= MAX_SEQ:
+        raise Malformed("field 'seq' is %s, expected a positive integer" % _brief(seq))
+    if body.get("station") != station:
+        raise Malformed("field 'station' is %s but the topic names station %s"
+                        % (_brief(body.get("station")), station))
+    if channel == "session":
+        row = session_row(body)
+        rtype, ts = "session", _field(body, "ts", "text")
+    elif channel == "event":
+        row = event_row(body)
+        rtype, ts = "event", row["end"] or row["start"]
+    else:
+        row = aggregate_row(body)
+        rtype, ts = row["kind"], row["end"]
+    try:
+        payload = message.payload.decode("utf-8")
+    except UnicodeDecodeError as error:  # json.loads accepts UTF-16/32 too
+        raise Malformed("payload is not UTF-8 (%s)" % error) from None
+    return Record(station, seq, rtype, ts, body, row, message.received_at, payload)
+
+
+# -- storing -------------------------------------------------------------------------------
+
+
+class StationUpdate:
+    """What a batch says about one station's row."""
+
+    __slots__ = ("last_seen", "status", "journal_seq", "malformed")
+
+    def __init__(self):
+        self.last_seen = None
+        self.status = None
+        self.journal_seq = None
+        self.malformed = 0
+
+
+class Ingestor:
+    """Stores batches of messages in ``store``; one per collector thread."""
+
+    def __init__(self, store, prefix="evse"):
+        self.store = store
+        self.prefix = prefix
+        self.tracker = SequenceTracker()
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def store_batch(self, messages):
+        """Store ``messages`` in one transaction; returns a BatchResult. Raises only for
+        database failures (the batch is then not stored at all and may be retried)."""
+        result = BatchResult()
+        stations = {}
+        records = []
+        for message in messages:
+            result.received += 1
+            parts = topic_parts(self.prefix, message.topic)
+            if parts is None:
+                result.ignored += 1
+                continue
+            station, channel = parts
+            update = stations.get(station)
+            if update is None:
+                update = stations[station] = StationUpdate()
+            if update.last_seen is None or message.received_at > update.last_seen:
+                update.last_seen = message.received_at
+            try:
+                if channel in JOURNALED_CHANNELS:
+                    records.append(parse_record(station, channel, message))
+                elif channel == STATUS_CHANNEL:
+                    update.status = self._status(message)
+                    result.live += 1
+                elif channel in LIVE_CHANNELS:
+                    journal_seq = _json_body(message).get("journal_seq")
+                    if isinstance(journal_seq, int) and not isinstance(journal_seq, bool) \
+                            and 0 <= journal_seq <= MAX_SEQ:
+                        update.journal_seq = journal_seq
+                    result.live += 1
+                else:
+                    result.ignored += 1
+            except Malformed as error:
+                self._reject(message, error, update, result)
+        touched = set()
+        try:
+            with self.store.transaction():
+                self._update_stations(stations)
+                for station in sorted({record.station for record in records}):
+                    if station not in self.tracker.stations:
+                        touched.add(station)
+                        self._seed(station)
+                stored = []
+                for record in records:
+                    outcome = self._store_record(record)
+                    if outcome is None:
+                        stations[record.station].malformed += 1
+                        result.malformed += 1
+                    elif outcome:
+                        stored.append(record)
+                        touched.add(record.station)
+                        result.stored += 1
+                    else:
+                        result.duplicates += 1
+                self._add_malformed(stations)
+                for station in sorted(touched):
+                    self._update_gaps(station, [r for r in stored if r.station == station])
+                self._count(result)
+        except BaseException:
+            for station in touched:  # the cache may hold what was rolled back
+                self.tracker.stations.pop(station, None)
+            raise
+        return result
+
+    def _status(self, message):
+        try:
+            text = message.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text not in STATUS_VALUES:
+            raise Malformed("status is %s, expected online or offline" % _brief(
+                message.payload.decode("utf-8", "replace")))
+        return text
+
+    def _reject(self, message, error, update, result):
+        result.malformed += 1
+        if update is not None:
+            update.malformed += 1
+        log.warning("malformed message on %s skipped: %s (payload %s)", message.topic, error,
+                    message.payload[:LOGGED_PAYLOAD_CHARS])
+
+    def _update_stations(self, stations):
+        # Row locks in name order: concurrent collectors on PostgreSQL serialise per station
+        # without deadlocks, and what one reads (gaps, sessions) is current until commit.
+        for station in sorted(stations):
+            update = stations[station]
+            self.store.execute(
+                "INSERT INTO stations (station, first_seen, last_seen, status, journal_seq) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (station) DO UPDATE SET "
+                "last_seen = CASE WHEN stations.last_seen IS NULL OR excluded.last_seen > stations.last_seen "
+                "THEN excluded.last_seen ELSE stations.last_seen END, "
+                "status = COALESCE(excluded.status, stations.status), "
+                "journal_seq = COALESCE(excluded.journal_seq, stations.journal_seq)",
+                (station, update.last_seen, update.last_seen, update.status, update.journal_seq))
+
+    def _add_malformed(self, stations):
+        for station in sorted(stations):
+            if stations[station].malformed:
+                self.store.execute("UPDATE stations SET malformed = malformed + ? WHERE station = ?",
+                                   (stations[station].malformed, station))
+
+    def _store_record(self, record):
+        """True when stored, False for a duplicate, None when the database refused it."""
+        store = self.store
+        try:
+            with store.savepoint():
+                cursor = store.execute(
+                    "INSERT INTO records (station, seq, type, ts, received_at, payload) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (station, seq) DO NOTHING",
+                    (record.station, record.seq, record.type, record.ts, record.received_at,
+                     record.payload))
+                if cursor.rowcount != 1:
+                    return False
+                if record.type == "session":
+                    self._merge_session(record)
+                elif record.type == "event":
+                    row = record.row
+                    store.execute(
+                        'INSERT INTO events (station, seq, event_number, type, severity, state, start, "end", '
+                        "session_id, values_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (station, seq) DO NOTHING",
+                        (record.station, record.seq, row["event_number"], row["type"], row["severity"],
+                         row["state"], row["start"], row["end"], row["session_id"], row["values_json"]))
+                else:
+                    row = record.row
+                    store.execute(
+                        'INSERT INTO aggregates (station, seq, kind, start, "end", samples, aggregates, '
+                        "energy_wh_start, energy_wh_end, power_min_w, power_avg_w, power_max_w, "
+                        "frequency_avg_hz, covers_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (station, seq) DO NOTHING",
+                        (record.station, record.seq, row["kind"], row["start"], row["end"], row["samples"],
+                         row["aggregates"], row["energy_wh_start"], row["energy_wh_end"], row["power_min_w"],
+                         row["power_avg_w"], row["power_max_w"], row["frequency_avg_hz"], row["covers_seq"]))
+        except store.data_errors as error:
+            log.warning("station %s seq %d: the database refused the record (%s); skipped",
+                        record.station, record.seq, error)
+            return None
+        return True
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def _merge_session(self, record):
+        """Fold a start/begin/end record into its session's row: the record with the highest
+        seq gives the values, the start and end records are named by their seqs."""
+        store = self.store
+        row = record.row
+        existing = store.query("SELECT seq_last FROM sessions WHERE station = ? AND session_id = ?",
+                               (record.station, row["session_id"]))
+        seq_start = record.seq if row["event"] == "start" else None
+        seq_end = record.seq if row["event"] == "end" else None
+        if existing and existing[0][0] > record.seq:
+            store.execute("UPDATE sessions SET seq_start = COALESCE(?, seq_start), "
+                          "seq_end = COALESCE(?, seq_end), plug_in = COALESCE(plug_in, ?) "
+                          "WHERE station = ? AND session_id = ?",
+                          (seq_start, seq_end, row["plug_in"], record.station, row["session_id"]))
+            return
+        key = store.scalar("SELECT public_key_pem FROM stations WHERE station = ?", (record.station,))
+        values = dict(row)
+        values["verified"], values["verify_error"] = verify_session(record.body, record.station, key)
+        if values["verify_error"]:
+            log.warning("session %s of station %s not verified: %s", row["session_id"], record.station,
+                        values["verify_error"])
+        if not existing:
+            columns = ("station", "session_id", "seq_start", "seq_end", "seq_last") + SESSION_COLUMNS
+            store.execute(
+                "INSERT INTO sessions (%s) VALUES (%s)" % (", ".join(columns), ", ".join("?" * len(columns))),
+                (record.station, row["session_id"], seq_start, seq_end, record.seq)
+                + tuple(values[c] for c in SESSION_COLUMNS))
+            return
+        store.execute(
+            "UPDATE sessions SET seq_start = COALESCE(?, seq_start), seq_end = COALESCE(?, seq_end), "
+            "seq_last = ?, %s WHERE station = ? AND session_id = ?"
+            % ", ".join("%s = ?" % c for c in SESSION_COLUMNS),
+            (seq_start, seq_end, record.seq) + tuple(values[c] for c in SESSION_COLUMNS)
+            + (record.station, row["session_id"]))
+
+    def reverify(self, station):
+        """Verify the sessions of ``station`` again (after its key was registered or
+        changed); returns how many sessions changed their verdict."""
+        store = self.store
+        changed = 0
+        with store.transaction():
+            key = store.scalar("SELECT public_key_pem FROM stations WHERE station = ?", (station,))
+            rows = store.query(
+                "SELECT s.session_id, s.verified, s.verify_error, r.payload FROM sessions s "
+                "JOIN records r ON r.station = s.station AND r.seq = s.seq_last WHERE s.station = ?",
+                (station,))
+            for session_id, verified, error, payload in rows:
+                verdict = verify_session(json.loads(payload), station, key)
+                if verdict != (verified, error):
+                    store.execute("UPDATE sessions SET verified = ?, verify_error = ? "
+                                  "WHERE station = ? AND session_id = ?", verdict + (station, session_id))
+                    changed += 1
+        return changed
+
+    # -- gaps -------------------------------------------------------------------------------
+
+    def _load(self, station, first, last):
+        """Feed the tracker what the database holds for ``station`` in [first, last]."""
+        store = self.store
+        for seq, covers in store.query(
+                "SELECT seq, covers_seq FROM aggregates WHERE station = ? AND kind = 'summary' "
+                "AND seq BETWEEN ? AND ? ORDER BY seq", (station, first, last)):
+            self.tracker.accept(station, seq, {"kind": "summary", "covers_seq": json.loads(covers)})
+        for (seq,) in store.query("SELECT seq FROM records WHERE station = ? AND seq BETWEEN ? AND ? "
+                                  "ORDER BY seq", (station, first, last)):
+            self.tracker.accept(station, seq)
+
+    def _seed(self, station):
+        """Start tracking ``station`` from the database: every seq below its first stored gap
+        is accounted for (the ``gaps`` rows are committed with the records), the rest is read."""
+        first_gap = self.store.scalar("SELECT MIN(first_seq) FROM gaps WHERE station = ?", (station,))
+        if first_gap is None:
+            accounted = self.store.scalar("SELECT MAX(seq) FROM records WHERE station = ?", (station,)) or 0
+        else:
+            accounted = first_gap - 1
+        self.tracker.assume_seen(station, accounted)
+        self._load(station, accounted + 1, MAX_SEQ)
+
+    def _update_gaps(self, station, stored):
+        tracker = self.tracker
+        for record in sorted(stored, key=lambda r: r.seq):
+            tracker.accept(station, record.seq, record.body if record.type == "summary" else None)
+        highest_stored = self.store.scalar("SELECT MAX(seq) FROM records WHERE station = ?", (station,)) or 0
+        if highest_stored > tracker.highest(station):
+            self._load(station, tracker.highest(station) + 1, highest_stored)
+        for first, last in tracker.gaps(station):
+            self._load(station, first, last)
+        self._write_gaps(station, tracker.gaps(station))
+
+    def _write_gaps(self, station, gaps):
+        store = self.store
+        old = store.query("SELECT first_seq, last_seq, detected_at FROM gaps WHERE station = ?", (station,))
+        if sorted((first, last) for first, last, _ in old) == sorted(gaps):
+            return
+        now = iso_utc(time.time())
+        store.execute("DELETE FROM gaps WHERE station = ?", (station,))
+        for first, last in gaps:
+            # A gap that only shrank keeps the time it was first seen.
+            seen = [detected for f, l, detected in old if f <= last and l >= first]
+            if not seen:
+                log.warning("station %s: records %d..%d not received", station, first, last)
+            store.execute("INSERT INTO gaps (station, first_seq, last_seq, detected_at) VALUES (?, ?, ?, ?)",
+                          (station, first, last, min(seen) if seen else now))
+
+    def _count(self, result):
+        self.store.add_counters(result.as_dict())
