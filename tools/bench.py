@@ -1,22 +1,29 @@
 """``make bench``: measured figures of the agent, each beside its baseline from the same run.
 
 Prints one table and writes ``bench/results.json``. Benchmarks measure; they do not pass or
-fail (the machines are shared and noisy) — read the ratios.
+fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shortens the windows.
 
-Figures so far (the journal):
-
-- durable append rate: session-record-sized records, each fsync'ed before ``append``
-  returns, against the same bytes written and fsync'ed with plain ``os.write``/``os.fsync``;
-- replay after a simulated 1-hour and 24-hour outage (fast clock): the forwarder's
-  publish rate to a real mosquitto, against raw paho-mqtt QoS 1 publishing of the same
-  messages to the same broker (publish all, wait for every PUBACK);
-- flash wear: bytes and fsyncs the journal writes per hour at the default settings,
-  from a simulated hour of telemetry at 1 Hz with a broker that acknowledges everything;
+- Modbus requests and bytes per poll cycle of each meter map, against one request per
+  maximal run of contiguous registers (``bench_poll``);
+- poll cycle time over a pty relay that paces bytes at 9600 and 38400 baud, against the
+  wire time of the cycle's bytes, and against the line's floor: wire time plus the
+  3.5-character silences the protocol demands and the simulated meter's turnaround;
+- pilot change -> session message and telemetry sample -> subscriber, p50/p99, on a real
+  mosquitto, against the round trip of a bare paho publish -> subscribe (``bench_latency``);
+- journal: durable append rate, session-record-sized records fsync'ed before ``append``
+  returns, against plain ``os.write``/``os.fsync`` of the same bytes; replay after a
+  simulated 1-hour and 24-hour outage (fast clock), against raw paho QoS 1 publishing of
+  the same messages to the same broker (publish all, wait for every PUBACK);
+- CPU seconds per 1,000 poll cycles at 1 Hz and resident memory, against a hand-written
+  pymodbus + paho loop (``bench_cpu``, ``handwritten_loop``);
+- flash wear: bytes and fsyncs the journal writes per hour at the default settings;
 - MicroPython: the core scenario (a charging session with journal, OCMF and an agent
   restart; host_tests/mpy_scenarios/session_scenario.py) under the official MicroPython
   (WebAssembly port, 32-bit like an ESP32) with the core compiled by mpy-cross: the
   ``gc.mem_alloc()`` peak after each step, less the loaded code, against the 64 KiB budget;
-  and the P-256 signing time there.
+  and the P-256 signing time there;
+- fleet: 10, 100 and 500 simulated stations against one mosquitto (``fleet_sim``):
+  messages/s and broker CPU.
 """
 
 import argparse
@@ -38,7 +45,13 @@ from evse_agent.ports.cpython.fs import FileSystem
 from evse_agent.ports.cpython.mqtt import MqttPublisher
 from evse_agent.reading import Reading
 
+from evse_agent import log
+
+from .bench_cpu import cpu_figures
+from .bench_latency import latency_figures
+from .bench_poll import cycle_time_figures, request_figures
 from .broker import Mosquitto
+from .fleet_sim import fleet_table, run_fleets
 from .subscriber import Collector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,44 +287,94 @@ def bench_micropython(workdir):
     return figures
 
 
+def _row(figure, measured, baseline="", ratio=None):
+    return "%-50s %18s %18s %8s" % (figure, measured, baseline, "" if ratio is None else "%.3f" % ratio)
+
+
 def _table(results):
-    lines = ["%-44s %16s %16s %8s" % ("figure", "measured", "baseline", "ratio")]
+    lines = [_row("figure", "measured", "baseline") + "   ratio"]
+    for plan in results["modbus_requests"]:
+        lines.append(_row("%s requests / bytes per poll cycle" % plan["model"],
+                          "%d / %d B" % (plan["requests"], plan["bytes"]),
+                          "%d / %d B" % (plan["baseline_requests"], plan["baseline_bytes"]),
+                          plan["bytes"] / plan["baseline_bytes"]))
+    for cycle in results["poll_cycle"]:
+        lines.append(_row("%s poll cycle at %d baud (median)" % (cycle["model"], cycle["baudrate"]),
+                          "%.1f ms" % cycle["cycle_ms_median"], "wire %.1f ms" % cycle["wire_ms"],
+                          cycle["ratio"]))
+        lines.append(_row("  against the line's floor (silences, meter turnaround)", "",
+                          "floor %.1f ms" % cycle["floor_ms"], cycle["ratio_to_floor"]))
+    latency = results.get("latency")
+    if latency:
+        rtt1, rtt0 = latency["paho_rtt_qos1"], latency["paho_rtt_qos0"]
+        for label, key in (("debounce off, sample 5 ms", "debounce_off"), ("sim board: debounce 100 ms", "board_defaults")):
+            pilot = latency[key]["pilot_to_session"]
+            lines.append(_row("pilot -> session message p50 (%s)" % label, "%.2f ms" % pilot["p50_ms"],
+                              "paho rtt %.2f ms" % rtt1["p50_ms"], pilot["p50_ms"] / rtt1["p50_ms"]))
+            lines.append(_row("pilot -> session message p99 (%s)" % label, "%.2f ms" % pilot["p99_ms"],
+                              "paho rtt %.2f ms" % rtt1["p99_ms"], pilot["p99_ms"] / rtt1["p99_ms"]))
+        telemetry = latency["debounce_off"]["telemetry_to_subscriber"]
+        lines.append(_row("telemetry sample -> subscriber p50", "%.2f ms" % telemetry["p50_ms"],
+                          "paho rtt %.2f ms" % rtt0["p50_ms"], telemetry["p50_ms"] / rtt0["p50_ms"]))
+        lines.append(_row("telemetry sample -> subscriber p99", "%.2f ms" % telemetry["p99_ms"],
+                          "paho rtt %.2f ms" % rtt0["p99_ms"], telemetry["p99_ms"] / rtt0["p99_ms"]))
     append = results["durable_append"]
-    lines.append("%-44s %13.1f/s %13.1f/s %8.3f" % (
-        "journal durable append (%d B records)" % append["record_bytes"], append["journal_per_s"],
-        append["raw_fsync_per_s"], append["ratio"]))
+    lines.append(_row("journal durable append (%d B records)" % append["record_bytes"],
+                      "%.1f/s" % append["journal_per_s"], "%.1f/s" % append["raw_fsync_per_s"], append["ratio"]))
     for replay in results["replay"]:
-        lines.append("%-44s %13.1f/s %13.1f/s %8.3f" % (
-            "replay after %gh outage (%d records)" % (replay["outage_hours"], replay["records"]),
-            replay["replay_per_s"], replay["raw_paho_qos1_per_s"], replay["ratio"]))
+        lines.append(_row("replay after %gh outage (%d records)" % (replay["outage_hours"], replay["records"]),
+                          "%.1f/s" % replay["replay_per_s"], "%.1f/s" % replay["raw_paho_qos1_per_s"],
+                          replay["ratio"]))
+    cpu = results.get("cpu")
+    if cpu:
+        base = cpu["handwritten"]
+        for name, label in (("agent", "agent"), ("agent_pilot_1hz", "agent, pilot sampled at 1 Hz")):
+            lines.append(_row("CPU s per 1000 poll cycles at 1 Hz, %s" % label,
+                              "%.2f s" % cpu[name]["cpu_s_per_1000_cycles"],
+                              "%.2f s" % base["cpu_s_per_1000_cycles"], cpu[name]["cpu_ratio"]))
+        lines.append(_row("resident memory, agent", "%d KiB" % cpu["agent"]["rss_kib"],
+                          "%d KiB" % base["rss_kib"], cpu["agent"]["rss_ratio"]))
     wear = results["flash_wear"]
-    lines.append("%-44s %14d B %16s %8s" % ("journal data written per hour", wear["data_bytes_per_h"], "", ""))
-    lines.append("%-44s %16d %16s %8s" % ("fsyncs per hour", wear["fsyncs_per_h"], "", ""))
-    lines.append("%-44s %14d B %16s %8s" % ("flash bytes per hour (estimate)", wear["flash_bytes_per_h_estimate"],
-                                             "", ""))
+    lines.append(_row("journal data written per hour", "%d B" % wear["data_bytes_per_h"]))
+    lines.append(_row("fsyncs per hour", "%d" % wear["fsyncs_per_h"]))
+    lines.append(_row("flash bytes per hour (estimate)", "%d B" % wear["flash_bytes_per_h_estimate"]))
     micro = results.get("micropython") or {}
     if "data_peak_bytes" in micro:
-        lines.append("%-44s %14d B %14d B %8.3f" % (
-            "MicroPython heap peak, session data (mem_alloc)", micro["data_peak_bytes"], micro["budget_bytes"],
-            micro["data_peak_bytes"] / micro["budget_bytes"]))
+        lines.append(_row("MicroPython heap peak, session data (mem_alloc)", "%d B" % micro["data_peak_bytes"],
+                          "%d B" % micro["budget_bytes"], micro["data_peak_bytes"] / micro["budget_bytes"]))
     elif micro:
-        lines.append("%-44s %s" % ("MicroPython heap peak", micro.get("error")))
+        lines.append(_row("MicroPython heap peak", micro.get("error", "")))
+    fleet = results.get("fleet")
+    if fleet:
+        lines.append("")
+        lines.append("fleet simulation (tools/fleet_sim.py, %g s per size):" % fleet[0]["duration_s"])
+        lines.append(fleet_table(fleet))
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="evse-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=RESULTS)
+    parser.add_argument("--quick", action="store_true",
+                        help="shorter windows and a fleet of 10 and 100 only (rougher figures)")
     args = parser.parse_args(argv)
+    log.set_sink(lambda level, text: None, log.ERROR)
+    cpu_window = 20.0 if args.quick else 60.0
+    fleet_sizes = (10, 100) if args.quick else (10, 100, 500)
     workdir = tempfile.mkdtemp(prefix="evse-bench-")
     try:
         results = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
                                "cpus": os.cpu_count()},
+                   "modbus_requests": request_figures(),
+                   "poll_cycle": cycle_time_figures(),
                    "durable_append": bench_durable_append(workdir)}
         with Mosquitto() as broker:
+            results["latency"] = latency_figures(broker, workdir, plugs=50 if args.quick else 150)
             results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
+            results["cpu"] = cpu_figures(broker, os.path.join(workdir, "cpu"), window_s=cpu_window)
         results["flash_wear"] = bench_flash_wear(workdir)
         results["micropython"] = bench_micropython(workdir)
+        results["fleet"] = run_fleets(fleet_sizes, 20.0, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(_table(results))

@@ -240,6 +240,9 @@ class RtuMaster:
         expected = 3  # until the header tells the frame's length
         deadline = sent_ms + wire_ms + self.timeout_ms
         try:
+            # No whole answer can be here before the request and the answer crossed the
+            # wire: sleep through that (an exception answer, shorter, waits a little longer).
+            await self._await_wire(len(request) + 5 + 2 * count)
             while len(frame) < expected:
                 if frame:
                     chunk = await stream.read(expected - len(frame), 0)  # what has arrived

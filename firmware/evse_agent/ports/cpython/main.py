@@ -70,13 +70,18 @@ def pin_bank(io_config):
     return GpiodPinBank(io_config)
 
 
-def build_agent(config, clock, quiet=False):
-    """Wire the ports to the core; returns (agent, publisher, stream)."""
+def build_agent(config, clock, quiet=False, stream=None, pins=None):
+    """Wire the ports to the core; returns (agent, publisher, stream, journal).
+
+    ``stream`` and ``pins`` replace the board's serial line and pin bank (the fleet
+    simulator gives each station simulated ones)."""
     meter_cfg = config["meter"]
     model = model_named(meter_cfg["model"])
     signer = FileKeySigner(config["signing"]["key_file"])
     store = StateStore(FileSystem(config["session"]["state_dir"]))
-    stream = SerialStream(meter_cfg["port"], meter_cfg["baudrate"], meter_cfg["parity"], meter_cfg["stopbits"])
+    if stream is None:
+        stream = SerialStream(meter_cfg["port"], meter_cfg["baudrate"], meter_cfg["parity"],
+                              meter_cfg["stopbits"])
     master = RtuMaster(stream, clock, meter_cfg["baudrate"], meter_cfg["timeout_ms"], meter_cfg["retries"])
     meter = ModbusMeter(master, model, meter_cfg["unit_id"], clock, meter_cfg["offline_after"])
     topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
@@ -89,7 +94,7 @@ def build_agent(config, clock, quiet=False):
     agent = Agent(config, meter, outbox, clock, forwarder=forwarder,
                   on_reading=None if quiet else _print_reading)
     journal.alarm = agent.on_journal_alarm
-    attach_charge_point(agent, store, signer, pin_bank(config["io"]))
+    attach_charge_point(agent, store, signer, pins if pins is not None else pin_bank(config["io"]))
     return agent, publisher, stream, journal
 
 
