@@ -144,6 +144,10 @@ class MqttPublisher:
             if mid in self._watched:
                 self._watched.discard(mid)
                 self._acked.add(mid)
+                # One wake-up per batch: the forwarder collects every PUBACK that arrived
+                # before it drains, so only the first one after a drain needs to wake it.
+                if len(self._acked) > 1:
+                    return
             else:
                 now = time.monotonic()
                 self._early[mid] = now
