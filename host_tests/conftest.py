@@ -20,6 +20,18 @@ SIM_BOARD = os.path.join(ROOT, "boards", "sim.json")
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 
+def wait_for(predicate, timeout_s, interval_s=0.05):
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout_s`` passes
+    (then its last value)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    return predicate()
+
+
 @pytest.fixture
 def broker():
     with Mosquitto() as mosquitto:

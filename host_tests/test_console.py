@@ -7,9 +7,11 @@ import asyncio
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -228,17 +230,53 @@ class Terminal:
         while view:
             view = view[os.write(self.fd, view):]
 
-    def drain(self):
-        """What the console has written so far and nobody read (as a terminal keeps reading)."""
-        text = []
-        while True:
-            try:
-                text.append(self.child.read_nonblocking(65536, timeout=0))
-            except pexpect.TIMEOUT:
-                return "".join(text)
-
     def close(self):
         self.child.close()
+
+
+class ReadingTerminal:
+    """A terminal that reads the console all the time, as a technician's does, while the
+    test types: a thread collects every byte (pexpect reads only while it expects, so a
+    long answer to one typed line would fill the console's output queue meanwhile)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.output = bytearray()
+        self.changed = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        while not self._stopping:
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
+            if ready:
+                data = os.read(self.fd, 65536)
+                with self.changed:
+                    self.output.extend(data)
+                    self.changed.notify_all()
+
+    def write(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def wait_for(self, marker, start, timeout_s):
+        """Index just past ``marker`` in the output from ``start`` on; TimeoutError if absent."""
+        deadline = time.monotonic() + timeout_s
+        with self.changed:
+            while True:
+                found = self.output.find(marker, start)
+                if found >= 0:
+                    return found + len(marker)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("no %r after %d bytes of output" % (marker, start))
+                self.changed.wait(remaining)
+
+    def stop(self):
+        self._stopping = True
+        self._thread.join(5)
 
 
 def assert_fits(output):
@@ -492,28 +530,28 @@ def test_fuzz_10000_random_lines(console_station, collector):
     cycles_before = poll_cycles(cs)
     started = time.monotonic()
 
+    reader = ReadingTerminal(terminal.fd)
+    position = [len(reader.output)]
+
     @settings(max_examples=10000 // BATCH, deadline=None, database=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(st.lists(st.tuples(LINES, ENDINGS), min_size=BATCH, max_size=BATCH))
     def batch(lines):
-        transcript = []
-        for line, ending in lines:  # a terminal reads while it types: one line of noise
-            terminal.write(line + ending)  # may be hundreds of lines (a chunk repeated)
-            transcript.append(terminal.drain())
+        start = position[0]
+        reader.write(b"".join(line + ending for line, ending in lines))
         sent.append(len(lines))
         # An empty line ends a PIN prompt or a meter watch the batch may have left open.
-        terminal.write(b"\rmark-%d\r" % len(sent))
-        try:
-            terminal.child.expect("error: unknown command 'mark-%d'; 'help' lists the commands" % len(sent) + PROMPT,
-                                  timeout=20)
-        except pexpect.TIMEOUT:
-            print("BEFORE", repr(terminal.child.before[-3000:]))
-            raise
-        output = "".join(transcript) + terminal.child.before
-        assert "internal error" not in output
-        assert "output dropped" not in output
+        reader.write(b"\rmark-%d\r" % len(sent))
+        marker = b"error: unknown command 'mark-%d'; 'help' lists the commands\r\nsim-001" % len(sent)
+        position[0] = reader.wait_for(marker, start, timeout_s=20)
+        output = bytes(reader.output[start:position[0]])
+        assert b"internal error" not in output
+        assert b"output dropped" not in output
 
-    batch()
+    try:
+        batch()
+    finally:
+        reader.stop()
     finished = time.monotonic()
     assert sum(sent) >= 10000
     assert cs.agent.alive(), cs.agent.log()

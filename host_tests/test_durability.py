@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SIM_BOARD, station_args
+from conftest import ROOT, SIM_BOARD, station_args, wait_for
 from evse_agent import journal as journal_mod
 from evse_tools import ocmf_verify
 from evse_tools.broker import Mosquitto
@@ -180,16 +180,6 @@ def assert_events_once_in_order(consumer):
         if state == "cleared" and (number, "active") in seq_of:
             assert seq_of[(number, "active")] < seq, "event %d cleared (seq %d) before raised (seq %d)" % (
                 number, seq, seq_of[(number, "active")])
-
-
-def wait_for(predicate, timeout_s, interval_s=0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    return predicate()
 
 
 def agent_tail(agent, lines=60):

@@ -58,6 +58,7 @@ from evse_agent.pilot import InputState
 from evse_agent.reading import Reading
 from evse_tools.subscriber import Collector
 from evse_tools.vehicle_sim import VehicleSim
+from conftest import wait_for
 from test_session_engine import Station
 
 BOARD = {"station_id": "sim-001", "meter": {"model": "sdm630", "port": "x"}}
@@ -801,16 +802,6 @@ FAST = ("--quiet", "--set", "meter.poll_interval_s=0.2", "--set", "meter.timeout
         "--set", "mqtt.reconnect_min_s=0.5", "--set", "mqtt.reconnect_max_s=1")
 
 
-def _wait(predicate, timeout_s, interval_s=0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    return predicate()
-
-
 def _configs_received(collector, after=0.0):
     """{topic: payload} of the discovery configs received (after ``after``), last one wins."""
     return {m.topic: m.payload for m in collector.messages
@@ -821,7 +812,7 @@ def _retained_configs(broker, count):
     """The discovery configs a subscriber arriving now gets from the broker's retained store."""
     late = Collector(broker.host, broker.port, "homeassistant/#")
     try:
-        _wait(lambda: len([m for m in late.messages if m.retain]) >= count, 10)
+        wait_for(lambda: len([m for m in late.messages if m.retain]) >= count, 10)
         return {m.topic: m.payload for m in late.messages if m.retain and m.topic.endswith("/config")}
     finally:
         late.close()
@@ -842,7 +833,7 @@ def test_configs_arrive_retained_their_state_topics_render_and_come_back_after_a
     ha = Collector(broker.host, broker.port, "homeassistant/#")
     try:
         agent = agent_process(broker, meter.device, *FAST)
-        assert _wait(lambda: len(_configs_received(ha)) >= 14, 20), agent.log()
+        assert wait_for(lambda: len(_configs_received(ha)) >= 14, 20), agent.log()
         received = _configs_received(ha)
         expected = dict(discovery_messages(validate(copy.deepcopy(BOARD)), SDM630, __version__))
         assert sorted(received) == sorted(expected)
@@ -885,7 +876,7 @@ def test_configs_arrive_retained_their_state_topics_render_and_come_back_after_a
         broker.kill()
         broker.start()
         ha = Collector(broker.host, broker.port, "homeassistant/#")
-        assert _wait(lambda: len(_configs_received(ha, restarted_at)) >= 14, 20), agent.log()
+        assert wait_for(lambda: len(_configs_received(ha, restarted_at)) >= 14, 20), agent.log()
         assert sorted(_configs_received(ha, restarted_at)) == sorted(expected)
         assert sorted(_retained_configs(broker, 14)) == sorted(expected)
         assert agent.log().count("MQTT connected") >= 2, agent.log()
@@ -895,8 +886,8 @@ def test_configs_arrive_retained_their_state_topics_render_and_come_back_after_a
         assert announced == 2, agent.log()  # one per connection
         asked_at = time.monotonic()
         ha.client.publish("homeassistant/status", "online", qos=1)
-        assert _wait(lambda: len(_configs_received(ha, asked_at)) >= 14, 10), agent.log()
-        assert _wait(lambda: agent.log().count("Home Assistant discovery: 14 configs") == announced + 1, 5)
+        assert wait_for(lambda: len(_configs_received(ha, asked_at)) >= 14, 10), agent.log()
+        assert wait_for(lambda: agent.log().count("Home Assistant discovery: 14 configs") == announced + 1, 5)
         vehicle.unplug()
         assert agent.stop() == 0
     finally:

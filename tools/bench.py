@@ -294,7 +294,7 @@ def bench_micropython(workdir):
 
 
 def _row(figure, measured, baseline="", ratio=None):
-    return "%-50s %18s %18s %8s" % (figure, measured, baseline, "" if ratio is None else "%.3f" % ratio)
+    return "%-58s %18s %18s %8s" % (figure, measured, baseline, "" if ratio is None else "%.3f" % ratio)
 
 
 def _table(results):

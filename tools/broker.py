@@ -53,6 +53,9 @@ class Mosquitto:
         self.log_path = os.path.join(self._dir, "mosquitto.log")
         with open(self.config_path, "w") as conf:
             conf.write("listener %d 127.0.0.1\n" % self.port)
+            # A subscriber slower than a replay must not lose QoS 1 messages to mosquitto's
+            # default queue of 1000 per client: the tests count every message.
+            conf.write("max_queued_messages 1000000\n")
             if os.geteuid() == 0:
                 # Keep root's access to this private directory instead of dropping to "mosquitto".
                 conf.write("user root\n")

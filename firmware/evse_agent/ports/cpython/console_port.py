@@ -24,7 +24,10 @@ from ... import log
 from ...console import Console
 from .fs import replace_file
 
-MAX_PENDING = 64 * 1024  # console output kept while the terminal does not read
+# Console output kept while the terminal does not read (beyond it, output is dropped and
+# the terminal told how much). A pasted block of a few kB of commands can answer with
+# hundreds of kB while the terminal is busy sending; an SBC has room for that.
+MAX_PENDING = 1024 * 1024
 REOPEN_S = 5.0
 
 
