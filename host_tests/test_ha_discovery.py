@@ -844,6 +844,10 @@ def test_configs_arrive_retained_their_state_topics_render_and_come_back_after_a
         assert sorted(_retained_configs(broker, 14)) == sorted(expected)
 
         # A charging session: every state topic named in a config carries messages that render.
+        # (The configs go out on connect, before the agent has settled its first pilot state:
+        # a car plugged in before that is billed only from its first pause.)
+        assert collector.wait_for(lambda m: m.topic.endswith("/state") and m.body and m.body["pilot"] == "A"
+                                  and m.body["meter_online"], timeout_s=15), agent.log()
         vehicle.plug()
         vehicle.charge()
         assert collector.wait_for(lambda m: m.topic.endswith("/telemetry") and m.body
