@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from .bench_latency import SIM_BOARD, ROOT
+from .bench_latency import ROOT, agent_command
 from .meter_sim import MeterSimulator
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -42,16 +42,6 @@ def memory_kib(pid):
     return values["VmRSS"], values["VmHWM"]
 
 
-def _agent_command(device, broker, workdir, duration_s):
-    return [sys.executable, "-m", "evse_agent.ports.cpython.main", "--board", SIM_BOARD, "--quiet",
-            "--duration", str(duration_s), "--set", "meter.port=" + device,
-            "--set", "mqtt.port=%d" % broker.port, "--set", "console.port=null",
-            "--set", "session.state_dir=" + os.path.join(workdir, "state"),
-            "--set", "signing.key_file=" + os.path.join(workdir, "station-key.pem"),
-            "--set", "io.sim_file=" + os.path.join(workdir, "pins.json"),
-            "--set", "journal.dir=" + os.path.join(workdir, "journal")]
-
-
 def _baseline_command(device, broker, duration_s):
     return [sys.executable, "-m", "evse_tools.handwritten_loop", "--port", device, "--baudrate", "9600",
             "--broker-port", str(broker.port), "--duration", str(duration_s)]
@@ -73,9 +63,7 @@ def cpu_figures(broker, workdir, window_s=60.0, warmup_s=5.0):
         if overrides is None:
             command = _baseline_command(device, broker, duration)
         else:
-            command = _agent_command(device, broker, os.path.join(workdir, name), duration)
-            for override in overrides:
-                command += ["--set", override]
+            command = agent_command(device, broker, os.path.join(workdir, name), overrides, duration)
         processes[name] = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         time.sleep(warmup_s)

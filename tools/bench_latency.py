@@ -113,7 +113,9 @@ def paho_round_trip(broker, qos, samples=300, payload_bytes=400):
         sink.close()
 
 
-def _start_agent(broker, device, workdir, overrides):
+def agent_command(device, broker, workdir, overrides=(), duration_s=None):
+    """``evse-agent`` on the sim board against ``device`` and ``broker``, its state, key,
+    pin file and journal under ``workdir``, no console, plus ``overrides`` (k=v)."""
     args = [sys.executable, "-m", "evse_agent.ports.cpython.main", "--board", SIM_BOARD, "--quiet",
             "--set", "meter.port=" + device, "--set", "mqtt.port=%d" % broker.port,
             "--set", "session.state_dir=" + os.path.join(workdir, "state"),
@@ -121,9 +123,11 @@ def _start_agent(broker, device, workdir, overrides):
             "--set", "io.sim_file=" + os.path.join(workdir, "pins.json"),
             "--set", "journal.dir=" + os.path.join(workdir, "journal"),
             "--set", "console.port=null"]
+    if duration_s is not None:
+        args += ["--duration", str(duration_s)]
     for override in overrides:
         args += ["--set", override]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    return args
 
 
 def _iso_to_epoch(text):
@@ -141,7 +145,8 @@ def agent_latencies(broker, workdir, label, overrides, plugs=100, telemetry_s=20
     device = sim.start()
     vehicle = VehicleSim(os.path.join(workdir, "pins.json"))  # writes state A: no vehicle
     sink = Arrivals(broker, "evse/sim-001/#", 1, client_id="bench-latency-" + label)
-    agent = _start_agent(broker, device, workdir, overrides)
+    agent = subprocess.Popen(agent_command(device, broker, workdir, overrides), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         sink.wait_for(lambda topic, doc: topic.endswith("/telemetry"), 0, timeout_s=20)
         pilot = []

@@ -179,7 +179,7 @@ class FleetSubscriber:
         self.client.loop_stop()
 
 
-def station_config(number, broker, workdir):
+def station_config(number, host, port, workdir):
     """Board settings of simulated station ``number`` (real defaults, its own directories)."""
     station = STATION_FORMAT % number
     base = os.path.join(workdir, station)
@@ -192,7 +192,7 @@ def station_config(number, broker, workdir):
         "signing": {"key_file": os.path.join(base, "station-key.pem")},
         "journal": {"dir": os.path.join(base, "journal")},
         "clock": {"sync": "always"},
-        "mqtt": {"host": broker.host, "port": broker.port},
+        "mqtt": {"host": host, "port": port},
         "homeassistant": {"enabled": False},
     })
 
@@ -224,11 +224,10 @@ def run_stations(host, port, numbers, duration_s, workdir, seed, ready, go, resu
     log.set_sink(lambda level, text: None, log.ERROR)
     clock = SystemClock("always")
     model = model_named("sdm630")
-    broker = type("Broker", (), {"host": host, "port": port})
     agents, publishers, journals, cars = [], [], [], []
     try:
         for number in numbers:
-            config = station_config(number, broker, workdir)
+            config = station_config(number, host, port, workdir)
             physics = MeterPhysics(model.phases, LoadProfile([(0, 0.0)]), serial=70000000 + number,
                                    energy_wh=1000000 + 1000 * number, seed=seed + number)
             car = ScriptedCar(physics, seed * 100003 + number)
