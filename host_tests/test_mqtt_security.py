@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from conftest import wait_for
 from evse_tools.broker import Mosquitto
 from evse_tools.subscriber import Collector
 
@@ -82,3 +83,41 @@ def test_wrong_password_is_reported_and_the_agent_keeps_polling(secure_broker, m
     time.sleep(1.5)
     assert agent.alive()
     assert sim.requests_seen > requests
+
+
+def test_connection_failures_are_logged_with_their_reason(secure_broker, meter_sim, agent_process, tmp_path):
+    """Whatever keeps the agent from its broker is logged once with its reason, and the agent
+    keeps polling: a CA that did not sign the broker's certificate, TLS spoken to a plain
+    listener, plain MQTT spoken to the TLS listener, and a port nobody listens on."""
+    (tmp_path / "stranger").mkdir()
+    stranger_ca = _certificates(tmp_path / "stranger")[0]
+    sim = meter_sim("sdm630", profile="steady")
+    cases = [
+        (("--set", "mqtt.tls.enabled=true", "--set", "mqtt.tls.ca_file=" + stranger_ca),
+         secure_broker, "certificate verify failed"),
+        ((), secure_broker, "closed the connection before accepting it"),  # plain MQTT to TLS
+    ]
+    for extra, broker, words in cases:
+        agent = agent_process(broker, sim.device, "--quiet", "--set", "mqtt.username=station-7",
+                              "--set", "mqtt.password=s3cret", *extra)
+        try:
+            assert agent.wait_for_log(words, timeout_s=60), agent.log()
+            assert agent.alive()
+        finally:
+            agent.stop()
+    with Mosquitto() as plain:
+        agent = agent_process(plain, sim.device, "--quiet", "--set", "mqtt.tls.enabled=true",
+                              "--set", "mqtt.tls.ca_file=" + secure_broker.ca_file)
+        try:
+            assert agent.wait_for_log("cannot connect: ", timeout_s=60), agent.log()  # reset or SSL error
+        finally:
+            agent.stop()
+        port = plain.port
+    agent = agent_process(plain, sim.device, "--quiet")  # the broker is gone: nothing listens
+    try:
+        assert agent.wait_for_log("cannot connect: ConnectionRefusedError", timeout_s=60), agent.log()
+        assert "%d" % port in agent.log()
+        requests = sim.requests_seen
+        assert wait_for(lambda: sim.requests_seen > requests, 30)
+    finally:
+        agent.stop()

@@ -55,7 +55,7 @@ def _gpio_lines(count):
             return "has %d entries; expected %d line offsets" % (len(value), count)
         for item in value:
             if isinstance(item, bool) or not isinstance(item, int) or item < 0:
-                return "contains %s; line offsets are integers >= 0" % json.dumps(item)
+                return "contains %s; line offsets are integers >= 0" % _shown(item)
         return None
     return check
 
@@ -101,6 +101,22 @@ def _not_blank(value):
     return "is blank" if not value.strip() else None
 
 
+def _host_name(value):
+    """Check for a broker host: a name or address, no blanks or URL parts."""
+    if not value.strip():
+        return "is blank; name the broker's host name or IP address"
+    for ch in value:
+        if ord(ch) < 33 or ord(ch) > 126 or ch in "/@":
+            return "contains %r; give a bare host name or IP address (no scheme, port or path)" % ch
+    if len(value) > 253:
+        return "is longer than 253 characters"
+    return None
+
+
+def _not_zero(value):
+    return "would make every pilot reading the same voltage; use the ADC's real scale" if value == 0 else None
+
+
 _BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 
 _HEX = "0123456789abcdef"
@@ -144,7 +160,8 @@ SCHEMA = {
                             help="adc: pilot voltage; lines: comparator outputs of a pilot decoder"),
             "adc_path": Field(str, None, nullable=True,
                               help="IIO raw value file of the pilot ADC (gpiod driver)"),
-            "adc_scale": Field(float, 1.0, help="pilot volts = raw * adc_scale + adc_offset"),
+            "adc_scale": Field(float, 1.0, check=_not_zero,
+                               help="pilot volts = raw * adc_scale + adc_offset"),
             "adc_offset": Field(float, 0.0),
             "lines": Field(list, None, nullable=True, check=_gpio_lines(5),
                            help="comparator lines, high when the pilot is below "
@@ -169,9 +186,11 @@ SCHEMA = {
         "state_dir": Field(str, "run/state", help="durable state: open session, counters"),
     },
     "events": {
-        "voltage_min_v": Field(float, 207.0, help="supply voltage band (230 V -10 %)"),
-        "voltage_max_v": Field(float, 253.0, help="(230 V +10 %)"),
-        "phase_loss_v": Field(float, 100.0, help="a phase below this while others are up is lost"),
+        "voltage_min_v": Field(float, 207.0, minimum=0, maximum=1000,
+                               help="supply voltage band (230 V -10 %)"),
+        "voltage_max_v": Field(float, 253.0, minimum=0, maximum=1000, help="(230 V +10 %)"),
+        "phase_loss_v": Field(float, 100.0, minimum=0, maximum=1000,
+                              help="a phase below this while others are up is lost"),
         "power_drop_pct": Field(float, 50.0, minimum=1, maximum=100,
                                 help="drop of charging power within one poll"),
         "fluctuation_pct": Field(float, 25.0, minimum=1, maximum=100,
@@ -212,7 +231,7 @@ SCHEMA = {
                       help="how to know the clock is synchronised (OCMF time flag S or U)"),
     },
     "mqtt": {
-        "host": Field(str, "127.0.0.1"),
+        "host": Field(str, "127.0.0.1", check=_host_name),
         "port": Field(int, 1883, minimum=1, maximum=65535),
         "topic_prefix": Field(str, "evse", check=_topic_level),
         "client_id": Field(str, None, nullable=True, help="default: evse-agent-<station_id>"),
@@ -263,6 +282,18 @@ SCHEMA = {
 }
 
 
+def _shown(value):
+    """``value`` as JSON for an error message, cut short: a message must stay readable
+    whatever the board file holds."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError, RuntimeError):  # RecursionError is a RuntimeError
+        text = "<unprintable %s>" % type(value).__name__
+    if len(text) > 100:
+        text = text[:80] + "... (%d characters)" % len(text)
+    return text
+
+
 def _kind_name(kind):
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             list: "a list"}[kind]
@@ -275,24 +306,27 @@ def _check_value(path, field, value):
         raise ConfigError("%s: null is not allowed; expected %s" % (path, _kind_name(field.kind)))
     kind = field.kind
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError("%s: %s is not a finite number" % (path, _shown(value)))
     if isinstance(value, bool) and kind is not bool:
-        raise ConfigError("%s: %s is not %s" % (path, json.dumps(value), _kind_name(kind)))
+        raise ConfigError("%s: %s is not %s" % (path, _shown(value), _kind_name(kind)))
     if not isinstance(value, kind):
-        raise ConfigError("%s: %s is not %s" % (path, json.dumps(value), _kind_name(kind)))
+        raise ConfigError("%s: %s is not %s" % (path, _shown(value), _kind_name(kind)))
     if kind is float and (value != value or value in (_INF, -_INF)):
         raise ConfigError("%s: %s is not a finite number" % (path, value))
     if field.choices is not None and value not in field.choices:
         raise ConfigError("%s: %s is not one of %s"
-                          % (path, json.dumps(value), ", ".join(json.dumps(c) for c in field.choices)))
+                          % (path, _shown(value), ", ".join(json.dumps(c) for c in field.choices)))
     if field.minimum is not None and value < field.minimum:
-        raise ConfigError("%s: %s is below the minimum %s" % (path, json.dumps(value), field.minimum))
+        raise ConfigError("%s: %s is below the minimum %s" % (path, _shown(value), field.minimum))
     if field.maximum is not None and value > field.maximum:
-        raise ConfigError("%s: %s is above the maximum %s" % (path, json.dumps(value), field.maximum))
+        raise ConfigError("%s: %s is above the maximum %s" % (path, _shown(value), field.maximum))
     if field.check is not None:
         problem = field.check(value)
         if problem:
-            raise ConfigError("%s: %s %s" % (path, json.dumps(value), problem))
+            raise ConfigError("%s: %s %s" % (path, _shown(value), problem))
     return value
 
 
@@ -337,7 +371,7 @@ def _closest(name, known):
 
 def _validate_section(path, schema, doc):
     if not isinstance(doc, dict):
-        raise ConfigError("%s: expected an object, got %s" % (path or "board", json.dumps(doc)))
+        raise ConfigError("%s: expected an object, got %s" % (path or "board", _shown(doc)))
     for key in doc:
         if key not in schema:
             hint = _closest(key, schema)
@@ -360,14 +394,8 @@ def _validate_section(path, schema, doc):
 def validate(doc):
     """A complete board configuration (defaults filled) from a parsed board document."""
     config = _validate_section("", SCHEMA, doc)
-    journal = config["journal"]
-    if journal["reserve_bytes"] >= journal["max_bytes"]:
-        raise ConfigError("journal.reserve_bytes: %d is not below journal.max_bytes %d"
-                          % (journal["reserve_bytes"], journal["max_bytes"]))
+    _check_rules(config)
     mqtt = config["mqtt"]
-    if mqtt["reconnect_min_s"] > mqtt["reconnect_max_s"]:
-        raise ConfigError("mqtt.reconnect_min_s: %s is above mqtt.reconnect_max_s %s"
-                          % (mqtt["reconnect_min_s"], mqtt["reconnect_max_s"]))
     if mqtt["client_id"] is None:
         mqtt["client_id"] = "evse-agent-" + config["station_id"]
     homeassistant = config["homeassistant"]
@@ -376,12 +404,43 @@ def validate(doc):
     return config
 
 
+def _check_rules(config):
+    """Rules between settings: each message names both settings and their values."""
+    journal = config["journal"]
+    if journal["reserve_bytes"] >= journal["max_bytes"]:
+        raise ConfigError("journal.reserve_bytes: %d is not below journal.max_bytes %d"
+                          % (journal["reserve_bytes"], journal["max_bytes"]))
+    room = journal["max_bytes"] - journal["reserve_bytes"]
+    if journal["segment_bytes"] > room:
+        raise ConfigError("journal.segment_bytes: %d is above the room for records, "
+                          "journal.max_bytes - journal.reserve_bytes = %d"
+                          % (journal["segment_bytes"], room))
+    events = config["events"]
+    if events["voltage_min_v"] >= events["voltage_max_v"]:
+        raise ConfigError("events.voltage_min_v: %s is not below events.voltage_max_v %s"
+                          % (events["voltage_min_v"], events["voltage_max_v"]))
+    if events["phase_loss_v"] >= events["voltage_min_v"]:
+        raise ConfigError("events.phase_loss_v: %s is not below events.voltage_min_v %s "
+                          "(a phase in the normal band would count as lost)"
+                          % (events["phase_loss_v"], events["voltage_min_v"]))
+    tls = config["mqtt"]["tls"]
+    if (tls["cert_file"] is None) != (tls["key_file"] is None):
+        raise ConfigError("mqtt.tls: cert_file and key_file go together (client certificate "
+                          "and its key); set both or neither")
+    mqtt = config["mqtt"]
+    if mqtt["reconnect_min_s"] > mqtt["reconnect_max_s"]:
+        raise ConfigError("mqtt.reconnect_min_s: %s is above mqtt.reconnect_max_s %s"
+                          % (mqtt["reconnect_min_s"], mqtt["reconnect_max_s"]))
+
+
 def parse_board(text, source="board file"):
     """A validated configuration from board-file text; ConfigError names what is wrong."""
     try:
         doc = json.loads(text)
     except ValueError as error:
         raise ConfigError("%s: not valid JSON (%s)" % (source, error))
+    except RuntimeError:  # CPython's RecursionError, MicroPython's recursion limit
+        raise ConfigError("%s: nested too deeply to be a board file" % source)
     try:
         return validate(doc)
     except ConfigError as error:
@@ -419,7 +478,7 @@ def apply_override(doc, assignment):
     field = field_at(path)
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RuntimeError):  # not JSON (or nested past the recursion limit)
         value = text
     if field.kind is str and not isinstance(value, str) and value is not None:
         value = text
@@ -429,6 +488,6 @@ def apply_override(doc, assignment):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError("%s: is %s in the board file, expected an object"
-                              % (".".join(parts[:depth + 1]), json.dumps(child)))
+                              % (".".join(parts[:depth + 1]), _shown(child)))
         node = child
     node[parts[-1]] = value

@@ -41,14 +41,36 @@ def load_config(board_path, overrides):
         raise ConfigError("%s: cannot read board file (%s)" % (board_path, error))
     except ValueError as error:
         raise ConfigError("%s: not valid JSON (%s)" % (board_path, error))
+    except RecursionError:
+        raise ConfigError("%s: nested too deeply to be a board file" % board_path)
     if not isinstance(doc, dict):
         raise ConfigError("%s: expected a JSON object at the top level" % board_path)
     for assignment in overrides:
         apply_override(doc, assignment)
     try:
-        return validate(doc)
+        config = validate(doc)
+        check_files(config)
     except ConfigError as error:
         raise ConfigError("%s: %s" % (board_path, error))
+    return config
+
+
+def check_files(config):
+    """Files the board names that must already exist and be readable on this controller
+    (checked before anything is created on disk)."""
+    tls = config["mqtt"]["tls"]
+    needed = []
+    if tls["enabled"]:
+        needed += [("mqtt.tls.ca_file", tls["ca_file"]), ("mqtt.tls.cert_file", tls["cert_file"]),
+                   ("mqtt.tls.key_file", tls["key_file"])]
+    for setting, path in needed:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise ConfigError("%s: cannot read %s (%s)" % (setting, path, error.strerror or error))
 
 
 def _stderr_sink(level, text):

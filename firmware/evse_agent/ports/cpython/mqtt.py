@@ -11,6 +11,7 @@ Assistant's birth message); the session is clean, so they are subscribed again o
 import asyncio
 import os
 import ssl
+import sys
 import threading
 import time
 
@@ -57,6 +58,7 @@ class MqttPublisher:
         client.reconnect_delay_set(int(max(1, mqtt_config["reconnect_min_s"])),
                                    int(mqtt_config["reconnect_max_s"]))
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         self.client = client
@@ -188,12 +190,29 @@ class MqttPublisher:
         self._connected_event.set()
         self._signal()
 
+    def _on_connect_fail(self, client, userdata):
+        # paho calls this inside its ``except OSError`` around the connection attempt, and
+        # passes no reason: the exception being handled is the reason (DNS, refused, TLS).
+        error = sys.exc_info()[1]
+        reason = "%s: %s" % (type(error).__name__, error) if error is not None else "no answer"
+        text = "cannot connect: %s" % reason
+        if text != self.last_error:
+            # Once per distinct reason: a broker that stays away does not flood the log.
+            log.warning("MQTT broker %s:%s: %s; retrying"
+                        % (self.config["host"], self.config["port"], text))
+        self.last_error = text
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         was_connected = self.connected
         self.connected = False
         self._connected_event.clear()
         if reason_code.is_failure or reason_code.value != 0:
-            self.last_error = "disconnected: %s" % reason_code
+            text = "disconnected: %s" % reason_code
             if was_connected:
                 log.warning("MQTT disconnected: %s; reconnecting" % reason_code)
+            elif text != self.last_error:
+                # Closed before CONNACK (plain MQTT to a TLS port, a broker that drops us).
+                log.warning("MQTT broker %s:%s closed the connection before accepting it: %s; retrying"
+                            % (self.config["host"], self.config["port"], reason_code))
+            self.last_error = text
         self._signal()

@@ -1,0 +1,152 @@
+"""Board files a harsh field produces: absurd numbers, deep nesting, settings that contradict
+each other, files that are not there. Each is refused with a message naming the setting (and
+the bad value, cut short), never a traceback, and nothing is created on disk first."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evse_agent.config import SCHEMA, ConfigError, parse_board, validate
+
+MINIMAL = {"station_id": "st-1", "meter": {"model": "sdm630", "port": "/dev/ttyUSB0"}}
+
+
+def _with(path, value):
+    doc = json.loads(json.dumps(MINIMAL))
+    node = doc
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return doc
+
+
+def _refusal(doc):
+    with pytest.raises(ConfigError) as info:
+        validate(doc)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path,value,words", [
+    ("events.voltage_min_v", 10 ** 400, "not a finite number"),
+    ("meter.poll_interval_s", -(10 ** 400), "not a finite number"),
+    ("meter.timeout_ms", 10 ** 400, "above the maximum"),
+    ("events.voltage_min_v", -5, "below the minimum 0"),
+    ("events.phase_loss_v", -1.5, "below the minimum 0"),
+    ("io.pilot.adc_scale", 0, "same voltage"),
+    ("mqtt.host", "", "blank"),
+    ("mqtt.host", "   ", "blank"),
+    ("mqtt.host", "mqtt://broker:1883", "bare host name"),
+])
+def test_absurd_value_is_refused_naming_the_setting(path, value, words):
+    message = _refusal(_with(path, value))
+    assert message.startswith(path + ":"), message
+    assert words in message
+    assert len(message) < 250, message  # a 400-digit number is cut short, not echoed whole
+
+
+@pytest.mark.parametrize("changes,first,second", [
+    ({"events.voltage_min_v": 260.0}, "events.voltage_min_v", "events.voltage_max_v"),
+    ({"events.voltage_min_v": 253.0}, "events.voltage_min_v", "events.voltage_max_v"),
+    ({"events.phase_loss_v": 210.0}, "events.phase_loss_v", "events.voltage_min_v"),
+    ({"journal.max_bytes": 1 << 20, "journal.reserve_bytes": 1 << 19,
+      "journal.segment_bytes": 600 * 1024}, "journal.segment_bytes", "journal.max_bytes"),
+    ({"mqtt.tls.cert_file": "/etc/ssl/client.pem"}, "mqtt.tls", "key_file"),
+])
+def test_contradicting_settings_are_refused_naming_both(changes, first, second):
+    doc = json.loads(json.dumps(MINIMAL))
+    for path, value in changes.items():
+        doc = _with_doc(doc, path, value)
+    message = _refusal(doc)
+    assert message.startswith(first), message
+    assert second in message
+
+
+def _with_doc(doc, path, value):
+    node = doc
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return doc
+
+
+def test_deeply_nested_board_is_refused():
+    text = '{"station_id": "st-1", "meter": ' + "[" * 100000 + "]" * 100000 + "}"
+    with pytest.raises(ConfigError) as info:
+        parse_board(text, "deep.json")
+    assert "deep.json" in str(info.value)
+
+
+def _paths(schema, prefix=""):
+    for key, spec in schema.items():
+        if isinstance(spec, dict):
+            yield from _paths(spec, prefix + key + ".")
+        else:
+            yield prefix + key
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10 ** 500), max_value=10 ** 500)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=300),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(_paths(SCHEMA))), JSON_VALUES), min_size=1, max_size=4))
+def test_any_value_in_any_setting_is_taken_or_refused_cleanly(assignments):
+    """Whatever a board file holds, validation either returns a configuration or raises
+    ConfigError with a short message naming a setting: never another exception."""
+    doc = json.loads(json.dumps(MINIMAL))
+    for path, value in assignments:
+        doc = _with_doc(doc, path, value)
+    try:
+        config = validate(doc)
+    except ConfigError as error:
+        message = str(error)
+        assert len(message) < 400, message
+        assert any(message.startswith(path.split(".")[0]) for path, _ in assignments) \
+            or message.startswith("journal.") or message.startswith("mqtt."), message
+    else:
+        assert config["events"]["voltage_min_v"] < config["events"]["voltage_max_v"]
+
+
+# --- the real command line ----------------------------------------------------------------
+
+
+def _cli(tmp_path, board_text):
+    board = tmp_path / "board.json"
+    board.write_text(board_text)
+    return subprocess.run([sys.executable, "-m", "evse_agent.ports.cpython.main", "--board", str(board)],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("board_text,words", [
+    (json.dumps(_with("events.voltage_min_v", 10 ** 400)), "events.voltage_min_v"),
+    ('{"station_id": "st-1", "meter": ' + "[" * 50000 + "]" * 50000 + "}", "nested too deeply"),
+    (json.dumps(_with("mqtt.host", "")), "mqtt.host"),
+    (json.dumps(_with("events.voltage_max_v", 100.0)), "events.voltage_min_v"),
+])
+def test_agent_refuses_to_start_naming_the_setting_before_creating_anything(tmp_path, board_text, words):
+    result = _cli(tmp_path, board_text)
+    assert result.returncode == 2, result.stderr
+    assert "refusing to start" in result.stderr and words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["board.json"]
+
+
+def test_missing_tls_file_is_named_with_its_path(tmp_path):
+    ca = str(tmp_path / "nowhere" / "ca.pem")
+    doc = _with("mqtt.tls.enabled", True)
+    doc["mqtt"]["tls"]["ca_file"] = ca
+    result = _cli(tmp_path, json.dumps(doc))
+    assert result.returncode == 2, result.stderr
+    assert "mqtt.tls.ca_file" in result.stderr and ca in result.stderr
+    assert "No such file" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["board.json"]
