@@ -54,8 +54,8 @@ def test_absurd_value_is_refused_naming_the_setting(path, value, words):
     ({"events.voltage_min_v": 260.0}, "events.voltage_min_v", "events.voltage_max_v"),
     ({"events.voltage_min_v": 253.0}, "events.voltage_min_v", "events.voltage_max_v"),
     ({"events.phase_loss_v": 210.0}, "events.phase_loss_v", "events.voltage_min_v"),
-    ({"journal.max_bytes": 1 << 20, "journal.reserve_bytes": 1 << 19,
-      "journal.segment_bytes": 600 * 1024}, "journal.segment_bytes", "journal.max_bytes"),
+    ({"journal.max_bytes": 1 << 20, "journal.segment_bytes": 2 << 20},
+     "journal.segment_bytes", "journal.max_bytes"),
     ({"mqtt.tls.cert_file": "/etc/ssl/client.pem"}, "mqtt.tls", "key_file"),
 ])
 def test_contradicting_settings_are_refused_naming_both(changes, first, second):

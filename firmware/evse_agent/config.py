@@ -410,11 +410,10 @@ def _check_rules(config):
     if journal["reserve_bytes"] >= journal["max_bytes"]:
         raise ConfigError("journal.reserve_bytes: %d is not below journal.max_bytes %d"
                           % (journal["reserve_bytes"], journal["max_bytes"]))
-    room = journal["max_bytes"] - journal["reserve_bytes"]
-    if journal["segment_bytes"] > room:
-        raise ConfigError("journal.segment_bytes: %d is above the room for records, "
-                          "journal.max_bytes - journal.reserve_bytes = %d"
-                          % (journal["segment_bytes"], room))
+    if journal["segment_bytes"] > journal["max_bytes"]:
+        raise ConfigError("journal.segment_bytes: %d is above journal.max_bytes %d "
+                          "(one segment file would be larger than the whole journal)"
+                          % (journal["segment_bytes"], journal["max_bytes"]))
     events = config["events"]
     if events["voltage_min_v"] >= events["voltage_max_v"]:
         raise ConfigError("events.voltage_min_v: %s is not below events.voltage_max_v %s"
