@@ -54,7 +54,7 @@ def test_absurd_value_is_refused_naming_the_setting(path, value, words):
     ({"events.voltage_min_v": 260.0}, "events.voltage_min_v", "events.voltage_max_v"),
     ({"events.voltage_min_v": 253.0}, "events.voltage_min_v", "events.voltage_max_v"),
     ({"events.phase_loss_v": 210.0}, "events.phase_loss_v", "events.voltage_min_v"),
-    ({"journal.max_bytes": 1 << 20, "journal.segment_bytes": 2 << 20},
+    ({"journal.max_bytes": 2 << 20, "journal.segment_bytes": 3 << 20},
      "journal.segment_bytes", "journal.max_bytes"),
     ({"mqtt.tls.cert_file": "/etc/ssl/client.pem"}, "mqtt.tls", "key_file"),
 ])
