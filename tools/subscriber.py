@@ -78,7 +78,7 @@ class Collector:
         with self._cond:
             return [m for m in self.messages if m.topic.endswith("/" + suffix)]
 
-    def wait_for(self, predicate, timeout_s=15):
+    def wait_for(self, predicate, timeout_s=60):
         """The first message matching ``predicate``, waiting up to ``timeout_s``; None if none."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
