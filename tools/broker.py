@@ -85,7 +85,7 @@ class Mosquitto:
             conf.write("log_type error\nlog_type warning\nlog_type notice\nlog_type subscribe\n")
         self.process = None
 
-    def start(self, timeout_s=10):
+    def start(self, timeout_s=60):
         """Start the broker and wait until it accepts connections."""
         self.process = subprocess.Popen([self.binary, "-c", self.config_path],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -56,7 +56,7 @@ class Collector:
         client.connect(host, port, 30)
         client.loop_start()
         self.client = client
-        if not self._subscribed.wait(10):
+        if not self._subscribed.wait(60):
             raise RuntimeError("subscriber could not subscribe on %s:%d" % (host, port))
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
