@@ -5,7 +5,7 @@ VENV   ?= .venv
 PYTHON  = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: demo test bench system clean
+.PHONY: demo test test-loaded bench system clean
 
 demo: $(STAMP) system
 	$(PYTHON) -m evse_tools.demo
@@ -16,6 +16,12 @@ MPY_HOST = tools/mpy/node_modules/@micropython/micropython-webassembly-pyscript/
 
 test: $(STAMP) system $(MPY_HOST)
 	$(PYTHON) -m pytest host_tests
+
+# The suite on a busy machine: two CPU-bound and one disk-bound worker run beside it (started
+# and stopped here), and it must pass RUNS times in a row (tools/load.py; bounded to 3 hours).
+RUNS ?= 3
+test-loaded: $(STAMP) system $(MPY_HOST)
+	$(PYTHON) -m evse_tools.load --cpu 2 --disk 1 --runs $(RUNS) --max-s 10800 -- $(PYTHON) -m pytest host_tests
 
 bench: $(STAMP) system $(MPY_HOST)
 	$(PYTHON) -m evse_tools.bench

@@ -87,7 +87,7 @@ class AgentProcess:
     def alive(self):
         return self.process.poll() is None
 
-    def stop(self, timeout_s=10):
+    def stop(self, timeout_s=60):
         """SIGTERM (clean shutdown) and wait; returns the exit code."""
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
@@ -107,7 +107,7 @@ class AgentProcess:
     def log(self):
         return "\n".join(self.stderr)
 
-    def wait_for_log(self, text, timeout_s=10):
+    def wait_for_log(self, text, timeout_s=60):
         """True once ``text`` appears in the agent's log (lines arrive through a pipe)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

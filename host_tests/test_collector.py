@@ -39,7 +39,7 @@ from evse_tools.collector.keys import pem_of, register_key
 from evse_tools.collector.main import main as collector_main
 from evse_tools.collector.main import status_doc
 from evse_tools.collector.service import BrokerSettings, CollectorService
-from evse_tools.collector.store import open_store
+from evse_tools.collector.store import SQLITE_BUSY_TIMEOUT_MS, open_store
 from evse_tools.postgres import PostgresCluster, find_bin_dir
 from test_session_engine import Clock, Meter
 
@@ -139,7 +139,7 @@ class FleetStation:
     def written(self):
         return self.journal.next_seq - 1
 
-    def flush(self, timeout_s=20):
+    def flush(self, timeout_s=120):
         """Publish everything journaled and wait for the broker's PUBACKs."""
         self.journal.sync()
         deadline = time.monotonic() + timeout_s
@@ -204,7 +204,7 @@ def scalar(url, sql, params=()):
     return rows(url, sql, params)[0][0]
 
 
-def wait_until(predicate, timeout_s=15, what="condition"):
+def wait_until(predicate, timeout_s=120, what="condition"):
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting for %s" % what
@@ -232,7 +232,7 @@ def collector(db_url):
         thread = threading.Thread(target=service.run, daemon=True)
         thread.start()
         running.append((service, thread, store))
-        assert service.wait_subscribed(10), "the collector did not subscribe"
+        assert service.wait_subscribed(60), "the collector did not subscribe"
         return service
 
     yield start
@@ -248,17 +248,20 @@ class CollectorProcess:
     def __init__(self, broker, db, *extra):
         self.args = [sys.executable, "-m", "evse_tools.collector.main", "run",
                      "--broker", "%s:%d" % (broker.host, broker.port), "--db", db] + list(extra)
+        self.broker = broker
+        self.client_id = extra[list(extra).index("--client-id") + 1]
         self.log = []
         self.start()
 
     def start(self):
+        """Start the process and wait until the broker has its subscription in place."""
+        subscribed_before = len(self.broker.subscriptions(self.client_id))
         self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._pump, args=(self.process.stderr,), daemon=True)
         self._reader.start()
-        wait_until(lambda: any("subscribing to" in line for line in self.log) or self.process.poll() is not None,
-                   what="collector process to connect")
+        wait_until(lambda: len(self.broker.subscriptions(self.client_id)) > subscribed_before
+                   or self.process.poll() is not None, timeout_s=60, what="collector process to subscribe")
         assert self.process.poll() is None, "\n".join(self.log)
-        time.sleep(0.2)  # the SUBACK follows the connect at once
 
     def _pump(self, stream):
         for line in stream:
@@ -271,7 +274,7 @@ class CollectorProcess:
     def stop(self):
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            assert self.process.wait(15) == 0, "\n".join(self.log)
+            assert self.process.wait(60) == 0, "\n".join(self.log)
         self._reader.join(5)
 
 
@@ -525,6 +528,13 @@ def publish_in_background(station, records, stop):
     return thread
 
 
+def join_publishers(threads):
+    """Wait for the publishing threads; the stations' journals are not shared with them after."""
+    for thread in threads:
+        thread.join(300)
+        assert not thread.is_alive(), "a station is still publishing after 300 s"
+
+
 def test_collector_killed_while_the_fleet_publishes_loses_nothing(broker, stations, collector_processes, tmp_path):
     """SIGKILL of the collector process three times while two stations keep publishing, and
     once while it waits for a locked database; each restart resumes the persistent session
@@ -535,12 +545,18 @@ def test_collector_killed_while_the_fleet_publishes_loses_nothing(broker, statio
     stop = threading.Event()
     threads = [publish_in_background(station, 150, stop) for station in fleet]
     for _ in range(3):
-        time.sleep(0.4)
+        # Kill once the collector has stored something new, restart once the fleet has
+        # published more meanwhile: each kill lands mid-stream, however slow the machine.
+        stored = scalar(db, "SELECT COUNT(*) FROM records")
+        wait_until(lambda: not all(thread.is_alive() for thread in threads)
+                   or scalar(db, "SELECT COUNT(*) FROM records") > stored, what="the collector to store more")
         process.kill()
-        time.sleep(0.3)  # the fleet keeps publishing to the broker meanwhile
+        published = [station.journal.next_seq for station in fleet]
+        wait_until(lambda: not all(thread.is_alive() for thread in threads)
+                   or [station.journal.next_seq for station in fleet] != published,
+                   what="the fleet to publish while the collector is down")
         process.start()
-    for thread in threads:
-        thread.join(60)
+    join_publishers(threads)
     # Now the kill comes while the collector holds delivered messages it cannot commit (the
     # database is locked): it must not have acknowledged them, so the broker delivers again.
     blocker = sqlite3.connect(db)
@@ -549,13 +565,15 @@ def test_collector_killed_while_the_fleet_publishes_loses_nothing(broker, statio
         station.event()
         station.idle(30)
         station.flush()
-    time.sleep(0.5)
+    failures = sum("storing" in line and "failed" in line for line in process.log)
+    wait_until(lambda: sum("storing" in line and "failed" in line for line in process.log) > failures,
+               timeout_s=SQLITE_BUSY_TIMEOUT_MS / 1000 + 120, what="the collector to meet the locked database")
     process.kill()
     blocker.rollback()
     blocker.close()
     process.start()
     for station in fleet:
-        wait_until(lambda: len(stored_seqs(db, station.station_id)) == station.written, timeout_s=20,
+        wait_until(lambda: len(stored_seqs(db, station.station_id)) == station.written,
                    what="every record of %s" % station.station_id)
         assert stored_seqs(db, station.station_id) == list(range(1, station.written + 1))
     assert rows(db, "SELECT * FROM gaps") == []
@@ -570,8 +588,7 @@ def test_two_collectors_of_a_share_group_store_the_union_once(broker, stations, 
     fleet = [stations(broker, "share-%d" % n) for n in range(3)]
     stop = threading.Event()
     threads = [publish_in_background(station, 60, stop) for station in fleet]
-    for thread in threads:
-        thread.join(60)
+    join_publishers(threads)
     for station in fleet:
         station.flush()
     total = sum(station.written for station in fleet)

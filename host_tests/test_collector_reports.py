@@ -63,7 +63,7 @@ def fleet(tmp_path_factory):
             service = CollectorService(BrokerSettings(host=broker.host, port=broker.port,
                                                       client_id="reports-" + name), store)
             service.start()
-            assert service.wait_subscribed(10), "collector on %s did not subscribe" % name
+            assert service.wait_subscribed(60), "collector on %s did not subscribe" % name
             thread = threading.Thread(target=service.run)
             thread.start()
             running.append((service, thread, store))

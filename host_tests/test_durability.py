@@ -190,7 +190,7 @@ def register_wh(meter):
     return meter.snapshot()["energy_wh"]
 
 
-def wait_register_settled(meter, timeout_s=5):
+def wait_register_settled(meter, timeout_s=60):
     """The register once it stopped moving (contactor open: the last power step is counted)."""
     last = register_wh(meter)
     deadline = time.monotonic() + timeout_s
@@ -247,15 +247,15 @@ def test_broker_killed_and_restarted_20_times_during_a_session(persistent_broker
         # Save the consumer's session in the broker's persistence file (clean stop writes it).
         broker.stop()
         broker.start()
-        assert wait_for(collector.client.is_connected, 15)
+        assert wait_for(collector.client.is_connected, 60)
         agent = agent_process(broker, meter.device, *FAST,
                               "--set", "journal.aggregate_interval_s=0.2",
                               "--set", "journal.sync_interval_s=0.2",
                               "--set", "journal.cursor_sync_s=0.5",
                               "--set", "mqtt.reconnect_min_s=0.5", "--set", "mqtt.reconnect_max_s=1")
         assert collector.wait_for(lambda m: m.topic.endswith("/state") and m.body and m.body["meter_online"],
-                                  timeout_s=20) is not None, agent.log()
-        assert wait_for(lambda: consumer.contiguous() >= 2, 15), agent.log()
+                                  timeout_s=60) is not None, agent.log()
+        assert wait_for(lambda: consumer.contiguous() >= 2, 60), agent.log()
 
         rng = random.Random(20240611)
         kills = []
@@ -267,7 +267,7 @@ def test_broker_killed_and_restarted_20_times_during_a_session(persistent_broker
                     time.sleep(rng.uniform(0.3, 1.5))
                     # The consumer is back (its queued messages were written to it) before the
                     # next crash: what the broker lost in a crash is the agent's to re-send.
-                    if not wait_for(collector.client.is_connected, 15):
+                    if not wait_for(collector.client.is_connected, 60):
                         raise AssertionError("consumer did not reconnect")
                     broker.kill()
                     kills.append(time.monotonic())
@@ -289,8 +289,11 @@ def test_broker_killed_and_restarted_20_times_during_a_session(persistent_broker
                 # The car draws more than advertised: an overcurrent event raised and cleared.
                 vehicle.advertise(10.0)
                 vehicle.draw(16.0)
+                raised = sum("event overcurrent raised" in line for line in agent.stderr)
                 vehicle.charge()
-                time.sleep(2.5)
+                # Until the agent raised it (past its grace time), however slow the machine.
+                assert wait_for(lambda: sum("event overcurrent raised" in line for line in agent.stderr) > raised,
+                                60), agent_tail(agent)
                 vehicle.pause()
                 vehicle.draw(None)
                 vehicle.advertise(16.0)
@@ -308,7 +311,7 @@ def test_broker_killed_and_restarted_20_times_during_a_session(persistent_broker
         register_at_end = wait_register_settled(meter)
 
         assert collector.wait_for(lambda m: m.topic.endswith("/session") and m.body["event"] == "end",
-                                  timeout_s=30) is not None, agent_tail(agent)
+                                  timeout_s=60) is not None, agent_tail(agent)
         caught_up = consumer.wait_caught_up(timeout_s=60)
         assert caught_up is not None, "consumer has seqs up to %d only\n%s" % (consumer.contiguous(),
                                                                                agent_tail(agent))
@@ -405,7 +408,7 @@ def test_agent_killed_100_times_loses_and_alters_nothing(broker, vehicle_and_met
         """Start the agent; returns once it logged its recovery ("journal: ...")."""
         agent = agent_process(broker, meter.device, *extra)
         agents.append(agent)
-        line = wait_for(lambda: next((m for m in map(RECOVERY_LINE.search, list(agent.stderr)) if m), None), 20,
+        line = wait_for(lambda: next((m for m in map(RECOVERY_LINE.search, list(agent.stderr)) if m), None), 60,
                         interval_s=0.01)
         assert line is not None, "no 'journal:' line\n%s" % agent.log()
         recoveries.append(line)
@@ -422,11 +425,11 @@ def test_agent_killed_100_times_loses_and_alters_nothing(broker, vehicle_and_met
     try:
         agent = start()
         assert collector.wait_for(lambda m: m.topic.endswith("/state") and m.body and m.body["meter_online"],
-                                  timeout_s=20) is not None, agent.log()
+                                  timeout_s=60) is not None, agent.log()
         register_at_plug = register_wh(meter)
         vehicle.plug()
         begin = collector.wait_for(lambda m: m.topic.endswith("/session") and m.body["event"] == "begin",
-                                   timeout_s=15)
+                                   timeout_s=60)
         assert begin is not None, agent.log()
         session_id = begin.body["session_id"]
         vehicle.charge()
@@ -445,7 +448,7 @@ def test_agent_killed_100_times_loses_and_alters_nothing(broker, vehicle_and_met
         vehicle.unplug()
         register_at_end = wait_register_settled(meter)
         assert collector.wait_for(lambda m: m.topic.endswith("/session") and m.body["event"] == "end",
-                                  timeout_s=30) is not None, agent_tail(agent)
+                                  timeout_s=60) is not None, agent_tail(agent)
         if consumer.wait_caught_up(timeout_s=60) is None:
             pytest.fail("consumer has seqs up to %d only, missing %s, collector connected %s, %d messages, "
                         "last %.1f s ago\nrecoveries:\n%s\nlogs:\n%s" % (
@@ -560,36 +563,40 @@ def test_disk_full_keeps_records_in_memory_and_loses_nothing(broker, vehicle_and
         agent = agent_process(broker, meter.device, *FAST,
                               "--set", "journal.aggregate_interval_s=0.5",
                               "--set", "journal.max_bytes=16777216", "--set", "journal.reserve_bytes=1048576",
-                              "--set", "journal.segment_bytes=16777216",
+                              "--set", "journal.segment_bytes=15728640",
                               "--set", "journal.cursor_sync_s=0.1", "--set", "journal.sync_interval_s=0.1")
         assert collector.wait_for(lambda m: m.topic.endswith("/state") and m.body and m.body["meter_online"],
-                                  timeout_s=20) is not None, agent.log()
-        assert wait_for(lambda: consumer.contiguous() >= 3, 15), agent.log()
+                                  timeout_s=60) is not None, agent.log()
+        assert wait_for(lambda: consumer.contiguous() >= 3, 60), agent.log()
         journaled_before = consumer.contiguous()
 
         # The disk fills up while the segment's last page (tmpfs: 4 KiB) still has room for a
         # record or two, as it mostly will in the field.
-        assert wait_for(lambda: os.path.getsize(segment) % 4096 <= 4096 - 1600, 15)
+        assert wait_for(lambda: os.path.getsize(segment) % 4096 <= 4096 - 1600, 60)
         filler, _ = fill(journal_dir)
         filled_at = time.monotonic()
         alarm = collector.wait_for(lambda m: m.topic.endswith("/event") and m.body["type"] in ("disk_error", "journal_full")
-                                   and m.body["state"] == "active", timeout_s=30)
+                                   and m.body["state"] == "active", timeout_s=60)
         assert alarm is not None, "no disk_error event with the disk full\n%s" % agent_tail(agent)
         assert alarm.body["type"] == "disk_error", alarm.body
-        assert wait_for(lambda: any("cannot write seq" in line for line in agent.stderr), 30), agent_tail(agent)
+        assert wait_for(lambda: any("cannot write seq" in line for line in agent.stderr), 60), agent_tail(agent)
 
         register_at_plug = register_wh(meter)
         vehicle.plug()
+        seen = len(collector.on("telemetry"))
         vehicle.charge()
-        time.sleep(2.0)
+        assert wait_for(lambda: any((m.body["power_total_w"] or 0) > 1000 and (m.body["session_energy_wh"] or 0) >= 2
+                                    for m in collector.on("telemetry")[seen:]), 60), agent_tail(agent)
+        seen = len(collector.on("state"))
         vehicle.pause()
-        time.sleep(0.8)
+        assert wait_for(lambda: any(m.body["contactor_feedback"] is False for m in collector.on("state")[seen:]),
+                        60), agent_tail(agent)
         vehicle.unplug()
         register_at_end = wait_register_settled(meter)
-        end = collector.wait_for(lambda m: m.topic.endswith("/session") and m.body["event"] == "end", timeout_s=20)
+        end = collector.wait_for(lambda m: m.topic.endswith("/session") and m.body["event"] == "end", timeout_s=60)
         assert end is not None, "session end not delivered while the disk is full\n%s" % agent_tail(agent)
         # Still full: the agent kept polling and publishing live telemetry all along.
-        assert wait_for(lambda: len([m for m in collector.on("telemetry") if m.received > filled_at]) >= 6, 20)
+        assert wait_for(lambda: len([m for m in collector.on("telemetry") if m.received > filled_at]) >= 6, 60)
         telemetry = [m for m in collector.on("telemetry") if m.received > filled_at]
         assert [m.body["ts"] for m in telemetry] == sorted({m.body["ts"] for m in telemetry})
         assert all(m.body["energy_wh"] is not None for m in telemetry)
@@ -601,9 +608,9 @@ def test_disk_full_keeps_records_in_memory_and_loses_nothing(broker, vehicle_and
         os.remove(filler)
         freed_at = time.monotonic()
         cleared = collector.wait_for(lambda m: m.topic.endswith("/event") and m.body["type"] == "disk_error"
-                                     and m.body["state"] == "cleared" and m.received > freed_at, timeout_s=20)
+                                     and m.body["state"] == "cleared" and m.received > freed_at, timeout_s=60)
         assert cleared is not None, "disk_error not cleared after space was freed\n%s" % agent_tail(agent)
-        assert consumer.wait_caught_up(timeout_s=30) is not None, agent_tail(agent)
+        assert consumer.wait_caught_up(timeout_s=60) is not None, agent_tail(agent)
         assert agent.stop() == 0, agent_tail(agent)
     finally:
         collector.close()

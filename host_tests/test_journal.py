@@ -651,7 +651,7 @@ def small_tmpfs(path, size="256k"):
     os.makedirs(path)
     try:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", str(path)],
-                       check=True, capture_output=True, timeout=10)
+                       check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         yield None
         return

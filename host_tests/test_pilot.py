@@ -301,10 +301,18 @@ def test_monitor_reports_a_charging_cycle_through_a_real_pin_file(tmp_path):
 
     async def scenario():
         tasks = [asyncio.create_task(monitor.run()) for monitor in monitors]
-        await asyncio.sleep(0.2)
-        for action in (sim.plug, sim.charge, sim.pause, sim.charge, sim.unplug):
+
+        async def reported(count):
+            """Until every monitor has reported ``count`` changes (a hang is bounded)."""
+            deadline = time.monotonic() + 60
+            while any(len(r.calls) < count for r in recorders.values()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+
+        await reported(1)
+        # Each action's changes: plug B; charge C, then the contactor's feedback; and so on.
+        for action, count in ((sim.plug, 2), (sim.charge, 4), (sim.pause, 6), (sim.charge, 8), (sim.unplug, 10)):
             await asyncio.to_thread(action)  # blocks for the contactor delay, like the EVSE
-            await asyncio.sleep(0.2)
+            await reported(count)
         for monitor in monitors:
             monitor.stop()
         await asyncio.gather(*tasks)

@@ -81,10 +81,11 @@ class Mosquitto:
             if persistence:
                 conf.write("persistence_location %s/\n" % self._dir)
             conf.write("log_dest file %s\n" % self.log_path)
-            conf.write("log_type error\nlog_type warning\nlog_type notice\n")
+            # Subscriptions are logged so that tests can wait for one to be in place.
+            conf.write("log_type error\nlog_type warning\nlog_type notice\nlog_type subscribe\n")
         self.process = None
 
-    def start(self, timeout_s=10):
+    def start(self, timeout_s=60):
         """Start the broker and wait until it accepts connections."""
         self.process = subprocess.Popen([self.binary, "-c", self.config_path],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -100,6 +101,25 @@ class Mosquitto:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not accept connections on port %d within %s s"
                            % (self.port, timeout_s))
+
+    def subscriptions(self, client_id):
+        """Topic filters ``client_id`` has subscribed to so far, in order, repeats included
+        (from the broker's log: mosquitto handles a SUBSCRIBE before its next packet, so a
+        filter listed here is in place for anything published from now on)."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as log:
+                lines = log.read().splitlines()
+        except FileNotFoundError:
+            return []
+        prefix = "%s " % client_id
+        found = []
+        for line in lines:
+            _, _, entry = line.partition(": ")
+            if entry.startswith(prefix):
+                parts = entry[len(prefix):].split(" ", 1)
+                if len(parts) == 2 and parts[0] in ("0", "1", "2"):
+                    found.append(parts[1])
+        return found
 
     def kill(self):
         """Kill -9: a broker crash, no goodbye to clients."""

@@ -71,7 +71,7 @@ class PostgresCluster:
             self._run("initdb", "-D", self.data_dir, "-U", self.user, "--auth=trust", "-E", "UTF8",
                       "--locale=C", "--no-sync")
         # No durability needed for a throwaway cluster: fsync off makes the tests fast.
-        self._run("pg_ctl", "-D", self.data_dir, "-l", self.log_path, "-w", "-t", "30", "-o",
+        self._run("pg_ctl", "-D", self.data_dir, "-l", self.log_path, "-w", "-t", "120", "-o",
                   "-p %d -k %s -c listen_addresses=%s -c fsync=off -c max_connections=50"
                   % (self.port, self._dir, self.host), "start")
         return self

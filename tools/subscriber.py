@@ -56,7 +56,7 @@ class Collector:
         client.connect(host, port, 30)
         client.loop_start()
         self.client = client
-        if not self._subscribed.wait(10):
+        if not self._subscribed.wait(60):
             raise RuntimeError("subscriber could not subscribe on %s:%d" % (host, port))
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -78,7 +78,7 @@ class Collector:
         with self._cond:
             return [m for m in self.messages if m.topic.endswith("/" + suffix)]
 
-    def wait_for(self, predicate, timeout_s=15):
+    def wait_for(self, predicate, timeout_s=60):
         """The first message matching ``predicate``, waiting up to ``timeout_s``; None if none."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
