@@ -147,8 +147,9 @@ class ModbusMeter:
         if self._energy_fault != reason:
             log.warning("meter import register is invalid (%s: %s); its readings carry no energy"
                         % (reason, energy_wh))
+            raise_alarm = self._energy_fault is None
             self._energy_fault = reason
-            if self.alarm is not None:
+            if raise_alarm and self.alarm is not None:
                 self.alarm("meter_value_invalid", True, {"register": "energy_wh", "reason": reason,
                                                          "value": None if energy_wh is None else str(energy_wh)})
         return None
