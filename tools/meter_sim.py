@@ -274,7 +274,8 @@ class MeterSimulator:
         return self.device
 
     def stop(self):
-        if self._loop is not None and self._thread is not None:
+        """Stop serving and close the pty (a meter pulled off the line); a second call does nothing."""
+        if self._loop is not None and self._thread is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
         if self.link_path and os.path.islink(self.link_path):
