@@ -253,3 +253,75 @@ def test_serial_change_while_online_is_noticed_and_the_ocmf_ms_follows(tmp_path)
     payloads = [json.loads(d.split("|")[1]) for d in end["ocmf_documents"]]
     assert [p["MS"] for p in payloads][-2:] == ["87654321", "87654321"]
     assert payloads[0]["MS"] == str(SERIAL)
+
+
+# -- end to end: the meter simulator on a pty, a real broker, the agent as a process ---------
+
+def test_hostile_register_end_to_end(broker, collector, meter_sim, agent_process, station_dir):
+    """While a car charges, the meter's import register sends NaN, a negative value, 3e38, a
+    dip and a 1 GWh jump, each for a moment: the agent keeps running, raises and clears
+    ``meter_value_invalid`` and ``meter_register_anomaly``, and bills exactly the register's
+    true rise in one segment with documents that verify."""
+    from test_sessions import Station, assert_documents_verify, public_key
+
+    st = Station(broker, collector, meter_sim, agent_process, station_dir,
+                 extra=("--set", "mqtt.status_interval_s=1"))
+    sim = st.meter
+    begin_wh = st.register_wh()
+    st.vehicle.plug()
+    st.session_message("begin")
+    st.vehicle.charge()
+    charging = collector.wait_for(lambda m: m.topic.endswith("/telemetry") and m.body["power_total_w"]
+                                  and m.body["power_total_w"] > 1000, timeout_s=15)
+    assert charging is not None, st.agent.log()
+
+    def event(type_, state, after):
+        message = collector.wait_for(lambda m: m.topic.endswith("/event") and m.body["type"] == type_
+                                     and m.body["state"] == state and m.received > after, timeout_s=15)
+        assert message is not None, "no %s %s\n%s" % (type_, state, st.agent.log())
+        return message
+
+    def readings_after(message, count=2):
+        """Wait until the agent has polled ``count`` more times (telemetry follows each poll)."""
+        assert collector.wait_for(lambda m: m.topic.endswith("/telemetry") and m.received > message.received
+                                  and len([t for t in collector.on("telemetry") if t.received > message.received])
+                                  >= count, timeout_s=15), st.agent.log()
+
+    sim.set_register(float("nan"))
+    raised = event("meter_value_invalid", "active", charging.received)
+    for value in (-5.0, 3e38, float("-inf")):
+        sim.set_register(value)
+        readings_after(raised)
+        raised = collector.on("telemetry")[-1]
+    sim.set_register(None)
+    cleared = event("meter_value_invalid", "cleared", raised.received)
+
+    sim.set_register((st.register_wh() - 15) / 1000.0)  # a dip
+    dip = event("meter_register_anomaly", "active", cleared.received)
+    sim.set_register(None)
+    back = event("meter_register_anomaly", "cleared", dip.received)
+    assert back.body["values"]["outcome"] == "glitch" and back.body["values"]["problem"] == "register_backwards"
+
+    sim.set_register(st.register_wh() / 1000.0 + 1e6)  # 1 GWh more
+    jump = event("meter_register_anomaly", "active", back.received)
+    readings_after(jump)
+    sim.set_register(None)
+    back = event("meter_register_anomaly", "cleared", jump.received)
+    assert back.body["values"]["outcome"] == "glitch" and back.body["values"]["problem"] == "register_jump"
+
+    st.vehicle.pause()
+    assert collector.wait_for(lambda m: m.topic.endswith("/state") and m.received > back.received
+                              and not m.body["charging"], timeout_s=15), st.agent.log()
+    st.vehicle.unplug()
+    end = st.session_message("end").body
+    assert end["begin"]["energy_wh"] == begin_wh
+    assert end["end"]["energy_wh"] == st.register_wh()
+    assert end["energy_wh"] == end["register_delta_wh"] == st.register_wh() - begin_wh > 0
+    assert end["segments"] == 1 and end["uncertain_wh"] == 0
+    assert not {"register_backwards", "register_jump"} & set(end["flags"])
+    assert_documents_verify(end, public_key(station_dir))
+    meter = collector.wait_for(lambda m: m.topic.endswith("/meter") and m.body["value_faults"] >= 4)
+    assert meter is not None and meter.body["online"], st.agent.log()
+    assert st.agent.alive()
+    assert st.agent.stop() == 0
+    assert "Traceback" not in st.agent.log()
