@@ -120,6 +120,8 @@ class Session:
             setattr(session, name, doc[name])
         session.period_start_time = doc.get("period_start_time")
         session.uncertain_wh = doc.get("uncertain_wh", 0)
+        if not isinstance(session.max_current_a, list) or len(session.max_current_a) != phases:
+            session.max_current_a = [None] * phases
         if not isinstance(session.segments, list) or not isinstance(session.flags, list):
             raise TypeError("segments and flags must be lists")
         for segment in session.segments:
