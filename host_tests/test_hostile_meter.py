@@ -89,7 +89,7 @@ class Rig:
         self.bank = RegisterBank()
         self.meter = ModbusMeter(self.bank, SDM630, 1, self.clock, offline_after=3)
         config = validate({"station_id": "t-001", "meter": {"model": "sdm630", "port": "x"},
-                           "session": {"state_dir": str(tmp_path / "state")}})
+                           "session": {"state_dir": str(tmp_path / "state"), "fiscal_interval_s": 5}})
         self.store = StateStore(FileSystem(config["session"]["state_dir"]))
         signer = FileKeySigner(str(tmp_path / "keys" / "station.pem"))
         identity = {"gateway_vendor": "evse-agent", "gateway_serial": "t-001", "gateway_version": "0",

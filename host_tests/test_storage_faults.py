@@ -11,6 +11,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -159,11 +160,13 @@ def _ocmf_pages(record):
     return [json.loads(d.split("|")[1])["PG"] for d in record["ocmf_documents"]]
 
 
+@pytest.mark.parametrize("damage", ["garbage", "deleted"])
 def test_damaged_state_files_are_recovered_from_the_journal(broker, collector, meter_sim, agent_process,
-                                                            station_dir):
-    """Killed mid-session, then counters.json (both copies) and open-session.json are garbage:
-    the running session ends after the restart with its exact energy, the next session gets
-    the next number, no OCMF page repeats, and state_damaged events say what happened."""
+                                                            station_dir, damage):
+    """Killed mid-session, then counters.json (both copies) and open-session.json are garbage,
+    or the whole state directory is gone: the running session ends after the restart with its
+    exact energy, the next session gets the next number, no OCMF page repeats, and
+    state_damaged events say what happened."""
     from test_sessions import Station, assert_documents_verify, public_key
 
     st = Station(broker, collector, meter_sim, agent_process, station_dir)
@@ -192,13 +195,17 @@ def test_damaged_state_files_are_recovered_from_the_journal(broker, collector, m
     charge_until_power(begin.received)
     st.agent.kill()
     state_dir = station_dir / "state"
-    (state_dir / COUNTERS).write_bytes(b"\x00\x13garbage")
     (station_dir / "journal" / COUNTERS).write_bytes(b'{"session": -1}')
-    (state_dir / OPEN_SESSION).write_bytes(b'{"id": "sim-001-00')
+    if damage == "garbage":
+        (state_dir / COUNTERS).write_bytes(b"\x00\x13garbage")
+        (state_dir / OPEN_SESSION).write_bytes(b'{"id": "sim-001-00')
+    else:
+        shutil.rmtree(state_dir)
     restarted_at = collector.messages[-1].received
     st.agent = st.start_agent()
     damaged = collector.wait_for(lambda m: m.topic.endswith("/event") and m.body["type"] == "state_damaged"
-                                 and m.body["values"]["file"] == OPEN_SESSION)
+                                 and m.body["values"]["file"] == OPEN_SESSION
+                                 and m.body["values"]["error"] == "rebuilt from the journal")
     assert damaged is not None, st.agent.log()
     stop_and_unplug(restarted_at)
     end = collector.wait_for(lambda m: m.topic.endswith("/session") and m.body["event"] == "end"

@@ -304,7 +304,7 @@ class SessionEngine:
             return
         if session.period == "charging":
             self._track_maxima(session, reading)
-            if session.fiscal_due_ms is not None and reading.monotonic_ms >= session.fiscal_due_ms:
+            if usable and session.fiscal_due_ms is not None and reading.monotonic_ms >= session.fiscal_due_ms:
                 session.fiscal_due_ms = reading.monotonic_ms + self.fiscal_ms
                 self._sign_fiscal(session, reading)
         if not usable:
