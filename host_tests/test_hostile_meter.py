@@ -33,6 +33,7 @@ EPOCH = 1_750_000_000.0
 START_WH = 1_234_567
 SERIAL = 12345678
 FAULTS = ("nan", "inf", "-inf", "negative", "huge", "dip", "jump", "zero")
+LOOP = asyncio.new_event_loop()  # runs ModbusMeter.read() for every rig
 
 
 class Clock:
@@ -103,7 +104,7 @@ class Rig:
         self.engine.alarm = lambda type_, active, values: self.alarms.append((type_, active))
         self.true_wh = START_WH
         self.offset_wh = 0  # a permanent reset shifts what the register shows
-        self.loop = asyncio.new_event_loop()
+        self.loop = LOOP
 
     def inputs(self, pilot, closed):
         now = self.clock.monotonic_ms()
@@ -192,7 +193,8 @@ def test_any_register_sequence_bills_within_the_true_rise(tmp_path_factory, char
     """Faults of any length, and maybe a permanent reset: never a crash, never negative,
     never more than the true rise; a register that was not followed exactly says so."""
     rig = Rig(tmp_path_factory.mktemp("rig"))
-    begin_true, end_true = run_session(rig, charge, pause, reset_at=reset if reset is not None and reset < len(charge) else None)
+    reset_at = reset if reset is not None and reset < len(charge) else None
+    begin_true, end_true = run_session(rig, charge, pause, reset_at=reset_at)
     (end,) = rig.ends()
     assert 0 <= end["energy_wh"] <= end_true - begin_true
     if end["energy_wh"] != end_true - begin_true:

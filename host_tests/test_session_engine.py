@@ -359,7 +359,8 @@ def test_implausible_upward_jump_is_not_billed(tmp_path):
     end = st.sessions("end")[0]
     assert "register_jump" in end["flags"] and "register_backwards" not in end["flags"]
     assert end["segments"] == 2
-    assert end["energy_wh"] == (before_jump - begin_wh) + (st.register_wh - after_jump) == 42 + 3 * int(REGISTER_CONFIRM_S)
+    assert end["energy_wh"] == (before_jump - begin_wh) + (st.register_wh - after_jump) \
+        == 42 + 3 * int(REGISTER_CONFIRM_S)
     assert [readings_of(d)[-1] for d in end["ocmf_documents"]] == [
         ("B", begin_wh), ("X", before_jump), ("B", after_jump), ("E", st.register_wh)]
 

@@ -193,7 +193,8 @@ class ModbusMeter:
             value = values[name]
             # NaN fails both comparisons; inf and noise fail the bound.
             if value is not None and not (-MAX_VALUE <= value <= MAX_VALUE):
-                self._value_fault(name, "not_finite" if value != value or value in (INF, -INF) else "out_of_range", value)
+                finite = value == value and value not in (INF, -INF)
+                self._value_fault(name, "out_of_range" if finite else "not_finite", value)
                 values[name] = None
         get = values.get
         voltage = [get("voltage_" + p) for p in names]
