@@ -299,8 +299,8 @@ def attach_charge_point(agent, store, signer, pins):
     agent.engine.alarm = agent.monitor.alarm
     agent.meter.alarm = agent.monitor.alarm
     agent.meter.notice = agent.monitor.notice
-    journal = agent.outbox.journal
-    for type_, values in store.damage + (journal.damage if journal is not None else []):
+    journal = getattr(agent.outbox, "journal", None)
+    for type_, values in getattr(store, "damage", []) + getattr(journal, "damage", []):
         agent.monitor.notice(type_, values)
     agent.engine.restore()
     if config["homeassistant"]["enabled"]:
