@@ -299,3 +299,41 @@ def test_full_shared_disk_raises_disk_error_and_the_agent_keeps_running(broker, 
     st.session_message("end", after=start.received)
     assert st.agent.stop() == 0
     assert "Traceback" not in st.agent.log()
+
+
+def test_agent_reports_a_damaged_final_record_and_never_reuses_its_seq(broker, collector, meter_sim,
+                                                                       agent_process, station_dir):
+    """The agent journals and publishes records, stops; a bit flips in the last record on disk
+    (published or not: it was fsync'ed). At the next start a journal_damaged event is published
+    and no record with that seq (or any earlier one) but other content ever reaches the broker."""
+    from test_sessions import Station
+
+    st = Station(broker, collector, meter_sim, agent_process, station_dir,
+                 extra=("--set", "journal.aggregate_interval_s=0.2", "--set", "journal.sync_interval_s=0.2"))
+    assert collector.wait_for(lambda m: m.topic.endswith("/aggregate") and m.body["seq"] >= 3), st.agent.log()
+    assert st.agent.stop() == 0
+    journal_dir = station_dir / "journal"
+    j = Journal(FileSystem(str(journal_dir)), CONFIG, Clock())
+    j.recover()
+    last = j.read_after(0, 1 << 20)[-1]
+    j.close()
+    path = journal_dir / last.segment
+    data = bytearray(path.read_bytes())
+    data[last.offset + journal_mod.HEADER_BYTES + 2] ^= 0x04  # inside the payload
+    path.write_bytes(bytes(data))
+    # Seq -> the payload it stands for: what the journal held (the damaged record as written).
+    published = {m.body["seq"]: m.payload for m in collector.messages
+                 if m.topic.split("/")[-1] in ("aggregate", "event", "session")}
+    published[last.seq] = last.payload
+
+    st.agent = st.start_agent()
+    damaged = collector.wait_for(lambda m: m.topic.endswith("/event") and m.body["type"] == "journal_damaged")
+    assert damaged is not None, st.agent.log()
+    assert damaged.body["values"]["seq"] == last.seq
+    assert any(name.startswith(journal_mod.QUARANTINE_PREFIX) for name in os.listdir(journal_dir))
+    assert collector.wait_for(lambda m: m.topic.endswith("/aggregate") and m.body["seq"] > last.seq + 2)
+    assert st.agent.stop() == 0
+    for message in collector.messages:
+        if message.topic.split("/")[-1] in ("aggregate", "event", "session") and message.body["seq"] in published:
+            assert message.payload == published[message.body["seq"]], "seq %d reused" % message.body["seq"]
+    assert "Traceback" not in st.agent.log()
