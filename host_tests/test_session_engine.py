@@ -395,8 +395,7 @@ def test_begin_at_charge_takes_the_begin_at_the_first_charge(tmp_path):
     st.plugged()
     st.idle(5)
     assert st.sessions("begin") == [] and st.sessions("start")
-    st.register_wh += 7  # something else moved the register while idle: not this session's
-    st.idle(1)
+    st.flow(7, power_w=3600.0)  # something else drew 7 Wh through the meter while idle: not this session's
     at_charge = st.register_wh
     st.charging()
     st.flow(10)
@@ -482,7 +481,8 @@ def test_begin_deferred_when_the_latest_reading_predates_the_contactor_opening(t
     """A reading taken before the contactor was known open is not exact: the engine asks for
     a fresh reading and takes that one."""
     st = Station(tmp_path)
-    st.idle(1)  # read at agent start, contactor state not yet known
+    st.clock.advance(1000)
+    st.reading(10800.0)  # read at agent start while current flows, contactor state not yet known
     st.register_wh += 4  # current was still flowing
     st.clock.advance(500)
     st.plugged()  # first inputs: contactor open from now on

@@ -15,7 +15,8 @@ next good one (flagged ``begin_delayed`` / ``end_delayed`` if the meter was offl
 
 Billing follows the register's true monotonic progress. The engine keeps an anchor, the
 last reading that continued the register plausibly (never backwards, never more than a
-charge point could draw since). A reading that does not (``register_backwards`` /
+charge point could draw since, nor what the measured power allows between close readings).
+A reading that does not (``register_backwards`` /
 ``register_jump``) is held as suspect and used for nothing, and ``meter_register_anomaly``
 is raised. If the register comes back to plausible progress from the anchor, the excursion
 was a glitch: the segment simply goes on, so a dip and recovery costs nothing and the energy
@@ -38,6 +39,8 @@ SESSION_KEYS_VERSION = 1
 MAX_AC_CURRENT_A = 80.0  # IEC 61851-1: the largest current a PWM duty can advertise
 REGISTER_CONFIRM_READINGS = 3  # a new register level must hold this many readings ...
 REGISTER_CONFIRM_S = 10.0  # ... over at least this long before it is billed from
+MEASURED_POWER_FACTOR = 1.5  # a rise between close readings may exceed their power by this much ...
+MEASURED_POWER_MARGIN_W = 500.0  # ... plus this
 
 
 def _reading_record(reading, synced, flags=None):
@@ -379,8 +382,12 @@ class SessionEngine:
         log.info("session %s: begin reading %d Wh (%s)" % (session.id, record["energy_wh"], record["ts"]))
         self._publish_session(session, "begin")
 
-    def _register_problem(self, last, reading):
-        """Why ``reading`` cannot continue the register from record ``last``, or None."""
+    def _register_problem(self, last, reading, last_power_w=None):
+        """Why ``reading`` cannot continue the register from record ``last``, or None.
+
+        The rise may not exceed what the charge point could draw since ``last``; between
+        readings close together (within ``REGISTER_CONFIRM_S``) whose power is known
+        (``last_power_w`` and the reading's), not what the measured power allows either."""
         if last["serial"] is not None and reading.serial is not None and reading.serial != last["serial"]:
             return "meter_replaced"
         if reading.energy_wh < last["energy_wh"]:
@@ -388,8 +395,15 @@ class SessionEngine:
         # More than the most an AC charge point can draw (80 A per phase at the top of the
         # voltage band) over the time between the readings cannot have been charged —
         # also across an agent restart, when nothing was watching in between.
-        dt_h = max(0.0, reading.time - last["time"]) / 3600.0
-        allowed = self.max_power_w * dt_h + 10 + (reading.energy_resolution_mwh or 0) / 1000.0
+        dt_s = max(0.0, reading.time - last["time"])
+        resolution_wh = (reading.energy_resolution_mwh or 0) / 1000.0
+        allowed = self.max_power_w * dt_s / 3600.0 + 10 + resolution_wh
+        power_w = reading.power_total
+        if last_power_w is not None and power_w is not None and dt_s <= REGISTER_CONFIRM_S:
+            # The register integrates the power between two samples: at most the larger one,
+            # with room for ripple, a rounding Wh and the register's steps.
+            measured_w = max(last_power_w, power_w, 0.0) * MEASURED_POWER_FACTOR + MEASURED_POWER_MARGIN_W
+            allowed = min(allowed, measured_w * dt_s / 3600.0 + 1 + 2 * resolution_wh)
         if reading.energy_wh - last["energy_wh"] > allowed:
             return "register_jump"
         return None
@@ -401,7 +415,7 @@ class SessionEngine:
             return False
         record = _reading_record(reading, self.clock.synced())
         anchor = self.anchor
-        problem = None if anchor is None else self._register_problem(anchor, reading)
+        problem = None if anchor is None else self._register_problem(anchor, reading, self._anchor_power_w)
         suspect = self.suspect
         if problem is None:
             if suspect is not None:
