@@ -16,9 +16,8 @@ next good one (flagged ``begin_delayed`` / ``end_delayed`` if the meter was offl
 Billing follows the register's true monotonic progress. The engine keeps an anchor, the
 last reading that continued the register plausibly (never backwards, never more than a
 charge point could draw since, nor what the measured power allows between close readings).
-A reading that does not (``register_backwards`` /
-``register_jump``) is held as suspect and used for nothing, and ``meter_register_anomaly``
-is raised. If the register comes back to plausible progress from the anchor, the excursion
+A reading that does not (``register_backwards`` / ``register_jump``) is held as suspect
+and used for nothing, and ``meter_register_anomaly`` is raised. If the register comes back to plausible progress from the anchor, the excursion
 was a glitch: the segment simply goes on, so a dip and recovery costs nothing and the energy
 charged during a glitch is billed by the next good reading. Only a level that holds for
 ``REGISTER_CONFIRM_READINGS`` readings over ``REGISTER_CONFIRM_S`` (a reset register) — or
