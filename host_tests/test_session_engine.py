@@ -23,7 +23,7 @@ from evse_agent.pilot import InputState
 from evse_agent.ports.cpython.fs import FileSystem
 from evse_agent.ports.cpython.signer import FileKeySigner
 from evse_agent.reading import Reading
-from evse_agent.session import SessionEngine
+from evse_agent.session import REGISTER_CONFIRM_S, SessionEngine
 from evse_agent.store import OPEN_SESSION, StateStore
 
 EPOCH = 1_750_000_000.0  # 2025-06-15T15:06:40Z
@@ -255,8 +255,9 @@ def test_begin_reading_keeps_its_time_flag_in_the_end_document(tmp_path):
 # -- register faults ---------------------------------------------------------------------
 
 def test_register_going_backwards_closes_the_segment_and_bills_the_sum(tmp_path):
-    """The register falls (meter reset): segment 1 ends at the last good reading with an X
-    document, segment 2 begins at the new value; energy = exact sum, never negative."""
+    """The register falls (meter reset) and stays there: once the new level has held, segment 1
+    ends at the last good reading with an X document and segment 2 begins at the first reading
+    of the new value (the end waits for that); energy = exact sum, never negative."""
     st = Station(tmp_path)
     st.unplugged()
     st.idle(1)
@@ -273,10 +274,14 @@ def test_register_going_backwards_closes_the_segment_and_bills_the_sum(tmp_path)
     st.paused()
     st.idle(1)
     st.unplugged()
+    assert st.sessions("end") == []  # the new level has not held long enough yet
+    st.idle(int(REGISTER_CONFIRM_S))
     end = st.sessions("end")[0]
     assert "register_backwards" in end["flags"]
     assert end["segments"] == 2
     assert end["energy_wh"] == (before_reset - begin_wh) + (st.register_wh - after_reset) == 45
+    assert end["register_delta_wh"] == st.register_wh - begin_wh != end["energy_wh"]
+    assert end["uncertain_wh"] == 4  # one second at 10.8 kW between the last good and the first new reading
     assert end["energy_wh"] >= 0
     documents = end["ocmf_documents"]
     assert [readings_of(d) for d in documents] == [
@@ -302,21 +307,24 @@ def test_energy_so_far_follows_the_register_across_segments_and_ends_with_the_se
     st.charging()
     st.flow(4)
     assert st.engine.energy_so_far() == 12
-    st.register_wh = 100  # meter reset: segment 1 closes at 12 Wh, segment 2 begins at 100
-    st.flow(1)  # 103: the begin of segment 2
+    st.register_wh = 100  # meter reset: segment 1 closes at 12 Wh, segment 2 begins at 103
+    st.flow(1)  # 103: held as suspect, the begin of segment 2 once the new level holds
     assert st.engine.energy_so_far() == 12
+    st.flow(int(REGISTER_CONFIRM_S))
+    assert st.engine.energy_so_far() == 12 + 3 * int(REGISTER_CONFIRM_S)
     st.flow(2)
-    assert st.engine.energy_so_far() == 18
+    assert st.engine.energy_so_far() == 18 + 3 * int(REGISTER_CONFIRM_S)
     st.paused()
     st.idle(1)
-    assert st.engine.energy_so_far() == 18
+    assert st.engine.energy_so_far() == 18 + 3 * int(REGISTER_CONFIRM_S)
     st.unplugged()
-    assert st.sessions("end")[0]["energy_wh"] == 18
+    assert st.sessions("end")[0]["energy_wh"] == 18 + 3 * int(REGISTER_CONFIRM_S)
     assert st.engine.energy_so_far() is None
 
 
 def test_register_backwards_when_idle_is_never_negative(tmp_path):
-    """A register that only ever falls bills 0 Wh, not a negative amount."""
+    """A register that only ever falls bills 0 Wh, not a negative amount, and the end record
+    says a register fault was unresolved when it was taken."""
     st = Station(tmp_path)
     st.unplugged()
     st.idle(1)
@@ -324,9 +332,9 @@ def test_register_backwards_when_idle_is_never_negative(tmp_path):
     st.idle(1)
     st.register_wh -= 1000
     st.idle(1)
-    st.unplugged()
+    st.unplugged()  # no current since the last good reading: the end is exact there
     end = st.sessions("end")[0]
-    assert "register_backwards" in end["flags"]
+    assert "register_suspect" in end["flags"]
     assert end["energy_wh"] == 0
 
 
@@ -344,14 +352,15 @@ def test_implausible_upward_jump_is_not_billed(tmp_path):
     st.register_wh += 500_000
     st.flow(1)
     after_jump = st.register_wh
-    st.flow(4)
+    st.flow(4 + int(REGISTER_CONFIRM_S))
     st.paused()
     st.idle(1)
     st.unplugged()
     end = st.sessions("end")[0]
     assert "register_jump" in end["flags"] and "register_backwards" not in end["flags"]
     assert end["segments"] == 2
-    assert end["energy_wh"] == (before_jump - begin_wh) + (st.register_wh - after_jump) == 42
+    assert end["energy_wh"] == (before_jump - begin_wh) + (st.register_wh - after_jump) \
+        == 42 + 3 * int(REGISTER_CONFIRM_S)
     assert [readings_of(d)[-1] for d in end["ocmf_documents"]] == [
         ("B", begin_wh), ("X", before_jump), ("B", after_jump), ("E", st.register_wh)]
 
@@ -386,8 +395,7 @@ def test_begin_at_charge_takes_the_begin_at_the_first_charge(tmp_path):
     st.plugged()
     st.idle(5)
     assert st.sessions("begin") == [] and st.sessions("start")
-    st.register_wh += 7  # something else moved the register while idle: not this session's
-    st.idle(1)
+    st.flow(7, power_w=3600.0)  # something else drew 7 Wh through the meter while idle: not this session's
     at_charge = st.register_wh
     st.charging()
     st.flow(10)
@@ -473,7 +481,8 @@ def test_begin_deferred_when_the_latest_reading_predates_the_contactor_opening(t
     """A reading taken before the contactor was known open is not exact: the engine asks for
     a fresh reading and takes that one."""
     st = Station(tmp_path)
-    st.idle(1)  # read at agent start, contactor state not yet known
+    st.clock.advance(1000)
+    st.reading(10800.0)  # read at agent start while current flows, contactor state not yet known
     st.register_wh += 4  # current was still flowing
     st.clock.advance(500)
     st.plugged()  # first inputs: contactor open from now on

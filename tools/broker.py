@@ -40,11 +40,12 @@ class Mosquitto:
     """
 
     def __init__(self, port=None, persistence=False, tls_files=None, users=None, bridge_to=None,
-                 bridge_topics=("evse/# in 1",)):
+                 bridge_topics=("evse/# in 1",), acl=None):
         """``tls_files``: (ca, cert, key) paths for a TLS listener; ``users``: {name: password}
         to require a login (anonymous clients are then refused); ``bridge_to``: another
         Mosquitto to bridge with, exchanging ``bridge_topics`` (mosquitto ``topic`` lines:
-        ``in`` brings that broker's messages here, ``out`` sends ours there)."""
+        ``in`` brings that broker's messages here, ``out`` sends ours there); ``acl``: the
+        lines of a mosquitto ``acl_file`` (``user``, ``topic``, ``pattern``) to enforce."""
         self.binary = find_mosquitto()
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -68,6 +69,11 @@ class Mosquitto:
                     subprocess.run([_mosquitto_passwd(), "-b"] + (["-c"] if number == 0 else [])
                                    + [password_file, name, password], check=True)
                 conf.write("allow_anonymous false\npassword_file %s\n" % password_file)
+            if acl is not None:
+                acl_file = os.path.join(self._dir, "acl")
+                with open(acl_file, "w") as handle:
+                    handle.write("\n".join(acl) + "\n")
+                conf.write("acl_file %s\n" % acl_file)
             else:
                 conf.write("allow_anonymous true\n")
             if bridge_to is not None:

@@ -89,6 +89,8 @@ class JournalView:
             raise ToolError("cannot list journal directory %s: %s" % (directory, _reason(error)))
         segment_names = sorted(n for n in names if journal._segment_first_seq(n) is not None)
         self.leftovers = sorted(n for n in names if n.endswith(".tmp"))
+        # Damaged final records the agent moved aside at start (journal.QUARANTINE_PREFIX).
+        self.quarantined = sorted(n for n in names if n.startswith(journal.QUARANTINE_PREFIX))
         self.segments = []
         self.records = []  # accepted records, in seq order
         self.out_of_order = []  # (segment name, record) that do not follow the seq before
@@ -97,6 +99,7 @@ class JournalView:
             data = self._read(name)
             records, torn, corrupt = journal.scan(data)
             segment = SegmentScan(name, len(data), records, torn, corrupt)
+            segment.damaged_tail = torn is not None and journal.damaged_tail(data, torn)
             self.segments.append(segment)
             for record in records:
                 record.segment = name
@@ -280,9 +283,17 @@ def verify_problems(view, public_key):
         for start, end in segment.damaged:
             problems.append("%s: bytes %d..%d are not a valid record (CRC or framing); skipped"
                             % (segment.name, start, end))
-        if segment.torn is not None:
+        if segment.torn is not None and segment.damaged_tail:
+            problems.append("%s: damaged final record of %d bytes at offset %d (complete but failing"
+                            " its CRC: not a torn write)" % (segment.name, segment.torn_bytes, segment.torn))
+        elif segment.torn is not None:
             problems.append("%s: torn tail of %d bytes at offset %d (an incomplete final record)"
                             % (segment.name, segment.torn_bytes, segment.torn))
+    for name in view.quarantined:
+        data = view._read(name)
+        claimed = journal._get(data, 7, 8) if len(data) >= journal.HEADER_BYTES and data[:2] == journal.MAGIC else None
+        problems.append("%s: a damaged final record (%d bytes, seq %s by its header) was quarantined"
+                        % (name, len(data), "unknown" if claimed is None else claimed))
     for record in view.out_of_order:
         problems.append("%s: offset %d: seq %d does not follow the record before it"
                         % (record.segment, record.offset, record.seq))

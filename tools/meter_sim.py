@@ -12,8 +12,12 @@ with the power served. Faults can be switched on and off at any time:
 - ``exception`` — a Modbus exception response (``exception_code``, default 4);
 - ``garbage``   — random bytes instead of an answer.
 
-Interactive commands on stdin: ``load <amps>``, ``fault <name>|off``, ``hold``, ``release``,
-``status``, ``quit``.
+A hostile register: ``set_register(kwh)`` serves that float32 in the import-energy register
+instead of the true count (``nan``, ``inf``, ``-5``, ``3e38``, a dip or a jump), while the
+true count goes on growing underneath; ``set_register(None)`` serves the truth again.
+
+Interactive commands on stdin: ``load <amps>``, ``fault <name>|off``, ``register <kWh>|off``,
+``hold``, ``release``, ``status``, ``quit``.
 """
 
 import argparse
@@ -201,6 +205,7 @@ class MeterSimulator:
         self.late_ms = 1500
         self.exception_code = 4
         self.hold = False
+        self.register_override = None  # float32 kWh served instead of the true import register
         self.requests_seen = 0
         self.responses_sent = 0
         self.device = None
@@ -220,6 +225,11 @@ class MeterSimulator:
         if fault is not None and fault not in FAULTS:
             raise ValueError("unknown fault %r (known: %s)" % (fault, ", ".join(FAULTS)))
         self.fault = fault
+
+    def set_register(self, kwh):
+        """Serve ``kwh`` (any float, NaN and infinities included) in the import-energy
+        register instead of the true count; None serves the truth again."""
+        self.register_override = None if kwh is None else float(kwh)
 
     def set_load(self, amps):
         with self._lock:
@@ -264,7 +274,8 @@ class MeterSimulator:
         return self.device
 
     def stop(self):
-        if self._loop is not None and self._thread is not None:
+        """Stop serving and close the pty (a meter pulled off the line); a second call does nothing."""
+        if self._loop is not None and self._thread is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
         if self.link_path and os.path.islink(self.link_path):
@@ -348,6 +359,9 @@ class MeterSimulator:
         for reg in self.model.registers:
             if reg.function == function_code and reg.address < end and reg.end > address:
                 words = encode_register(reg, values.get(reg.name), energy_wh)
+                override = self.register_override
+                if override is not None and reg.name == "energy_import" and reg.dtype == FLOAT32:
+                    words = list(struct.unpack(">HH", struct.pack(">f", override)))
                 offset = reg.address - start_address
                 registers[offset:offset + reg.count] = words
         return None
@@ -395,6 +409,16 @@ def _command(sim, line):
         except ValueError as error:
             return "error: %s" % error
         return "fault %s" % (name or "off")
+    if verb == "register" and len(words) == 2:
+        if words[1] == "off":
+            sim.set_register(None)
+            return "register follows the true count"
+        try:
+            kwh = float(words[1])
+        except ValueError:
+            return "error: register %r is not a number of kWh (nan and inf allowed)" % words[1]
+        sim.set_register(kwh)
+        return "register serves %r kWh" % kwh
     if verb in ("hold", "release"):
         sim.set_hold(verb == "hold")
         return "values %s" % ("held" if verb == "hold" else "live")
@@ -402,7 +426,7 @@ def _command(sim, line):
         snap = sim.snapshot()
         return "P %.0f W  E %d Wh  fault %s  requests %d" % (
             snap["power_total"], snap["energy_wh"], sim.fault or "off", sim.requests_seen)
-    return "error: unknown command %r (load <A>|auto, fault <%s>|off, hold, release, status, quit)" % (
+    return "error: unknown command %r (load <A>|auto, fault <%s>|off, register <kWh>|off, hold, release, status, quit)" % (
         line.strip(), "|".join(FAULTS))
 
 

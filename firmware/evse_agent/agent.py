@@ -295,6 +295,13 @@ def attach_charge_point(agent, store, signer, pins):
     agent.monitor = PowerMonitor(config["events"], model.phases, agent.clock, agent.publish_event,
                                  lambda: store.next_number("event"))
     agent.inputs = InputMonitor(pins, config["io"], agent.clock, agent)
+    # Meter faults, register anomalies and damage found at start are events an operator sees.
+    agent.engine.alarm = agent.monitor.alarm
+    agent.meter.alarm = agent.monitor.alarm
+    agent.meter.notice = agent.monitor.notice
+    journal = getattr(agent.outbox, "journal", None)
+    for type_, values in getattr(store, "damage", []) + getattr(journal, "damage", []):
+        agent.monitor.notice(type_, values)
     agent.engine.restore()
     if config["homeassistant"]["enabled"]:
         from .ha_discovery import Discovery

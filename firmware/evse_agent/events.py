@@ -19,7 +19,11 @@ Conditions watched:
 - ``pilot_error`` (state E) and ``evse_unavailable`` (state F);
 - ``meter_offline``: the meter link is declared offline;
 - ``journal_full`` and ``disk_error``: alarms of the journal (``alarm``);
-- ``console_unlock_failed``: a wrong PIN on the technician console (``notice``).
+- ``console_unlock_failed``: a wrong PIN on the technician console (``notice``);
+- ``meter_value_invalid``: the meter sends an unusable import register (NaN, negative, absurd);
+- ``meter_register_anomaly``: the register went backwards or jumped, until it returns or holds;
+- ``meter_replaced``: the meter's serial number changed (``notice``);
+- ``journal_damaged`` and ``state_damaged``: damage found at start (``notice``).
 """
 
 INFO = "info"
@@ -40,6 +44,11 @@ SEVERITY = {
     "journal_full": CRITICAL,
     "disk_error": CRITICAL,
     "console_unlock_failed": WARNING,
+    "meter_value_invalid": WARNING,
+    "meter_register_anomaly": WARNING,
+    "meter_replaced": WARNING,
+    "journal_damaged": CRITICAL,
+    "state_damaged": WARNING,
 }
 
 

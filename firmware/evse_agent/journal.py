@@ -6,9 +6,17 @@ The journal is a directory of segment files ``seg-<first seq>.log``. Each record
 
 (big-endian; the CRC covers length through payload). Sequence numbers grow by one per
 record, across segment rotation and restarts. On start ``recover()`` scans every segment:
-a torn final record (power lost mid-write) is cut off the last segment; a damaged record
-elsewhere is skipped (the scan resynchronises on the next valid frame) and reported —
-a record whose CRC does not match is never accepted.
+a torn final record (power lost mid-write: the file ends inside a frame, or in zeros) is cut
+off the last segment; a complete final frame that fails its CRC (a bit flip in a record that
+was fsync'ed and maybe published) is not torn but damaged: its bytes are moved to a
+``damaged-<segment>-<offset>.bin`` quarantine file, reported (``damage``, the
+``journal_damaged`` event) and its seq is never issued again. A damaged record elsewhere is
+skipped (the scan resynchronises on the next valid frame) and reported — a record whose CRC
+does not match is never accepted.
+
+Seqs issued are bounded by a durable mark (``seqmark.json``, reserved ahead in blocks of
+``SEQ_RESERVE``): after a damaged tail the next seq is past the damaged record's own seq if
+its header is believable, else past the mark — never one a consumer may already hold.
 
 Durability: records of durable types (session records with their OCMF documents,
 events) are written and fsync'ed before ``append`` returns; aggregates are written at
@@ -58,6 +66,9 @@ DROPPABLE_TYPES = (AGGREGATE, SUMMARY)
 
 READ_CHUNK = 16384
 CURSOR_FILE = "cursor.json"
+SEQ_MARK_FILE = "seqmark.json"
+SEQ_RESERVE = 1024  # seqs reserved ahead per write of the mark
+QUARANTINE_PREFIX = "damaged-"
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".log"
 
@@ -189,6 +200,23 @@ def scan(data):
     return records, torn, corrupt
 
 
+def damaged_tail(data, offset):
+    """True when the bytes from ``offset`` (where nothing valid follows) are a damaged record
+    rather than a torn write: a complete frame (by its length field) that fails its CRC, or
+    one whose magic is damaged but whose length ends it exactly at the end of the file.
+    Anything else — a frame the file ends inside, zeros, bytes that are no frame — is torn."""
+    rest = data[offset:]
+    if len(rest) < HEADER_BYTES + TRAILER_BYTES:
+        return False
+    length = _get(rest, 2, 4)
+    if length > MAX_PAYLOAD:
+        return False
+    size = HEADER_BYTES + length + TRAILER_BYTES
+    if rest[0:2] == MAGIC:
+        return size <= len(rest)
+    return size == len(rest)
+
+
 def _next_valid(data, start):
     """Offset of the next complete valid frame at or after ``start``, or None."""
     index = data.find(MAGIC, start)
@@ -285,6 +313,8 @@ class Journal:
         self._alarm_queue = []
         self._notifying = False
         self.report = None
+        self.damage = []  # ("journal_damaged", values) found by recover(), reported as events
+        self.seq_mark = 0  # every seq ever issued is below this (durable)
 
     # -- start-up --------------------------------------------------------------------
 
@@ -298,6 +328,10 @@ class Journal:
             segment = Segment(name, _segment_first_seq(name))
             data = self.fs.read(name) or b""
             records, torn, corrupt = scan(data)
+            if torn is not None and index == len(names) - 1 and damaged_tail(data, torn):
+                self._quarantine(name, data, torn)
+                data = data[:torn]
+                torn = None
             if torn is not None:
                 report.torn_bytes += len(data) - torn
                 if index == len(names) - 1:
@@ -308,6 +342,7 @@ class Journal:
                               % (len(data) - torn, name))
             if corrupt:
                 log.error("journal: skipped %d damaged stretch(es) in %s" % (corrupt, name))
+                self.damage.append(("journal_damaged", {"segment": name, "stretches": corrupt}))
             report.corrupt += corrupt
             for record in records:
                 if record.seq <= highest:
@@ -325,6 +360,19 @@ class Journal:
             self.segments.append(segment)
         self.acked = cursor
         self.next_seq = max(highest, cursor, self.segments[-1].first_seq - 1 if self.segments else 0) + 1
+        self.seq_mark = self._load_seq_mark()
+        if self.damage and self.damage[-1][1].get("quarantined"):
+            # The damaged record's seq may be in a consumer's hands: never issue it again.
+            claimed = self.damage[-1][1].get("seq")
+            if claimed is not None and self.next_seq <= claimed < max(self.seq_mark, self.next_seq + SEQ_RESERVE):
+                skip_to = claimed + 1
+            else:
+                skip_to = max(self.seq_mark, self.next_seq + 1)
+            log.error("journal: seqs %d..%d are not issued again (a damaged record held one)"
+                      % (self.next_seq, skip_to - 1))
+            self.damage[-1][1]["skipped"] = [self.next_seq, skip_to - 1]
+            self.next_seq = skip_to
+        self.next_seq = max(self.next_seq, 1)
         self._cursor_saved = cursor
         self.synced_seq = self.next_seq - 1
         if not self.segments or self.segments[-1].size >= self.segment_bytes:
@@ -340,6 +388,47 @@ class Journal:
                     ", torn tail %d bytes" % report.torn_bytes if report.torn_bytes else "",
                     ", %d damaged" % report.corrupt if report.corrupt else ""))
         return report
+
+    def _quarantine(self, name, data, offset):
+        """Move a damaged final frame of ``name`` aside; the seq its header claims, if any."""
+        bad = bytes(data[offset:])
+        claimed = _get(bad, 7, 8) if len(bad) >= HEADER_BYTES and bad[0:2] == MAGIC else None
+        keep = "%s%s-%d.bin" % (QUARANTINE_PREFIX, name, offset)
+        values = {"segment": name, "offset": offset, "bytes": len(bad), "seq": claimed,
+                  "quarantined": keep}
+        try:
+            self.fs.write_atomic(keep, bad)
+            self.fs.truncate(name, offset)
+        except OSError as error:
+            values["quarantined"] = None
+            values["error"] = str(error)
+        log.error("journal: the final record of %s (%d bytes at offset %d, seq %s) is damaged, not torn;"
+                  " kept as %s" % (name, len(bad), offset, claimed, values["quarantined"]))
+        values["quarantined"] = values["quarantined"] or "in place"
+        self.damage.append(("journal_damaged", values))
+        return claimed
+
+    def _load_seq_mark(self):
+        data = self.fs.read(SEQ_MARK_FILE)
+        if data is None:
+            return 0
+        try:
+            mark = json.loads(data)["below"]
+            if isinstance(mark, int) and mark >= 0:
+                return mark
+        except (ValueError, KeyError, TypeError):
+            pass
+        log.error("journal: %s is damaged; ignoring it" % SEQ_MARK_FILE)
+        return 0
+
+    def _reserve(self, seq):
+        """Make the durable mark cover ``seq`` before it is issued."""
+        mark = seq + SEQ_RESERVE
+        try:
+            self.fs.write_atomic(SEQ_MARK_FILE, json.dumps({"below": mark}).encode())
+            self.seq_mark = mark
+        except OSError as error:
+            self._fault("write", error)
 
     def _load_cursor(self):
         data = self.fs.read(CURSOR_FILE)
@@ -370,6 +459,8 @@ class Journal:
         durable = rtype in DURABLE_TYPES
         self.retry_pending()
         seq = self.next_seq
+        if seq >= self.seq_mark:
+            self._reserve(seq)
         if seq_hook is not None:
             payload = seq_hook(seq)
         size = HEADER_BYTES + len(payload) + TRAILER_BYTES

@@ -94,6 +94,8 @@ def meter_status_doc(meter, clock):
         else iso_utc(now - (now_ms - link.last_error_ms) / 1000),
         "cycles": link.cycles,
         "failed_cycles": link.failed_cycles,
+        "value_faults": link.value_faults,
+        "last_value_fault": link.last_value_fault,
         "modbus": meter.master.stats.as_dict(),
     }
     return doc

@@ -7,6 +7,14 @@
 
 A reading is all-or-nothing: if any request of the cycle fails, the cycle yields None,
 so downstream stages never see values from two different moments mixed together.
+
+Every value is validated before anything uses it: a non-finite or absurd measurement
+becomes None, and an import register that is not finite, negative or beyond
+``MAX_ENERGY_WH`` gives a reading without energy. Each such value is a counted meter fault
+(``link.value_faults``) and raises ``meter_value_invalid`` through ``alarm`` until the
+meter sends a valid register again — never an exception. The serial number is read again
+every ``SERIAL_CHECK_MS`` while online, so a meter swapped without an outage is noticed
+(``meter_replaced`` through ``notice``; the readings carry the new serial).
 """
 
 from . import log
@@ -14,12 +22,20 @@ from .modbus_rtu import ModbusError
 from .reading import Reading
 from .registers import decode, decode_energy_wh, energy_resolution_mwh, plan_requests, raw_value
 
+# No charge point's meter counts 100 GWh (a 60 kW point would need 190 years): beyond is noise.
+MAX_ENERGY_WH = 100000000000
+# Other measured values beyond this magnitude (V, A, W, Hz) are noise, not measurements.
+MAX_VALUE = 1e9
+SERIAL_CHECK_MS = 60000
+INF = float("inf")  # the meter's identity is read again this often while online
+
 
 class MeterLink:
     """Health of the meter link: what an operator or technician asks first."""
 
     __slots__ = ("online", "since_ms", "consecutive_failures", "last_error", "last_error_ms",
-                 "cycles", "failed_cycles", "offline_after", "transitions")
+                 "cycles", "failed_cycles", "offline_after", "transitions", "value_faults",
+                 "last_value_fault")
 
     def __init__(self, offline_after, now_ms):
         self.online = False
@@ -31,6 +47,8 @@ class MeterLink:
         self.failed_cycles = 0
         self.offline_after = offline_after
         self.transitions = 0  # grows on every change worth reporting (online / declared offline)
+        self.value_faults = 0  # values the meter sent that were not usable (NaN, negative energy, ...)
+        self.last_value_fault = None
 
     def record_success(self, now_ms):
         """Count a good cycle; True when this brings the link online."""
@@ -72,6 +90,11 @@ class ModbusMeter:
         self.serial = None
         self.link = MeterLink(offline_after, clock.monotonic_ms())
         self._phases = model.phases
+        self.alarm = None  # alarm(type, active, values): meter_value_invalid starts / ends
+        self.notice = None  # notice(type, values): meter_replaced
+        self._known_serial = None  # last serial read, kept across outages
+        self._serial_read_ms = None
+        self._energy_fault = None  # the reason while the register is invalid
 
     async def read(self):
         """Poll every planned request once; a Reading, or None when the cycle failed."""
@@ -79,8 +102,9 @@ class ModbusMeter:
         values = {}
         energy_wh = None
         try:
-            if self.serial is None and self.serial_register is not None:
-                await self._read_serial()
+            if self.serial_register is not None and (
+                    self.serial is None or now_ms - self._serial_read_ms >= SERIAL_CHECK_MS):
+                await self._read_serial(now_ms)
             energy_reg = self.model.energy_register
             for request in self.requests:
                 data = await self.master.read_registers(
@@ -96,19 +120,62 @@ class ModbusMeter:
             return None
         if self.link.record_success(now_ms):
             log.info("meter %s unit %d online (serial %s)" % (self.model.name, self.unit_id, self.serial))
+        energy_wh = self._check_energy(energy_wh)
         resolution = None
         if energy_wh is not None:
             resolution = energy_resolution_mwh(self.model.energy_register, energy_wh)
         return self._reading(values, energy_wh, resolution, now_ms)
 
+    def _check_energy(self, energy_wh):
+        """The register in Wh if usable, else None with the fault counted and alarmed."""
+        if self.model.energy_register is None:
+            return energy_wh
+        if energy_wh is None:
+            reason = "not_finite"
+        elif energy_wh < 0:
+            reason = "negative"
+        elif energy_wh > MAX_ENERGY_WH:
+            reason = "out_of_range"
+        else:
+            if self._energy_fault is not None:
+                log.info("meter import register valid again (%d Wh)" % energy_wh)
+                self._energy_fault = None
+                if self.alarm is not None:
+                    self.alarm("meter_value_invalid", False, {"energy_wh": energy_wh})
+            return energy_wh
+        self._value_fault("energy_wh", reason, energy_wh)
+        if self._energy_fault != reason:
+            log.warning("meter import register is invalid (%s: %s); its readings carry no energy"
+                        % (reason, energy_wh))
+            raise_alarm = self._energy_fault is None
+            self._energy_fault = reason
+            if raise_alarm and self.alarm is not None:
+                self.alarm("meter_value_invalid", True, {"register": "energy_wh", "reason": reason,
+                                                         "value": None if energy_wh is None else str(energy_wh)})
+        return None
+
+    def _value_fault(self, name, reason, value):
+        link = self.link
+        link.value_faults += 1
+        link.last_value_fault = "%s %s (%s)" % (name, reason, value)
+
     async def read_raw(self, function, address, count):
         """Raw register bytes for diagnosis (console ``meter regs``); raises ModbusError."""
         return await self.master.read_registers(self.unit_id, function, address, count)
 
-    async def _read_serial(self):
+    async def _read_serial(self, now_ms):
         reg = self.serial_register
         data = await self.master.read_registers(self.unit_id, reg.function, reg.address, reg.count)
-        self.serial = raw_value(reg, data, 0)
+        serial = raw_value(reg, data, 0)
+        self._serial_read_ms = now_ms
+        known = self._known_serial
+        if known is not None and serial != known:
+            log.warning("meter %s unit %d: serial changed %s -> %s (meter replaced)"
+                        % (self.model.name, self.unit_id, known, serial))
+            if self.notice is not None:
+                self.notice("meter_replaced", {"from_serial": known, "to_serial": serial})
+        self._known_serial = serial
+        self.serial = serial
 
     def _fail(self, text, now_ms):
         if self.link.record_failure(text, now_ms):
@@ -122,6 +189,13 @@ class ModbusMeter:
     def _reading(self, values, energy_wh, resolution, now_ms):
         phases = self._phases
         names = ("l1", "l2", "l3")[:phases]
+        for name in values:
+            value = values[name]
+            # NaN fails both comparisons; inf and noise fail the bound.
+            if value is not None and not (-MAX_VALUE <= value <= MAX_VALUE):
+                finite = value == value and value not in (INF, -INF)
+                self._value_fault(name, "out_of_range" if finite else "not_finite", value)
+                values[name] = None
         get = values.get
         voltage = [get("voltage_" + p) for p in names]
         current = [get("current_" + p) for p in names]

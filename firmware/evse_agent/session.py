@@ -13,10 +13,21 @@ since, so the register still holds that value. Begin and end use such a reading 
 when there is one; otherwise the engine asks the meter for a fresh reading and takes the
 next good one (flagged ``begin_delayed`` / ``end_delayed`` if the meter was offline).
 
-If the register goes backwards, jumps by more than a charge point could draw in the time
-between two readings, or the meter's serial number changes (meter reset or replaced), the running segment is closed at
-the last good reading and a new one begins at the next: the session bills the sum of its
-segments and carries a flag, so it never bills a negative or implausible amount.
+Billing follows the register's true monotonic progress. The engine keeps an anchor, the
+last reading that continued the register plausibly (never backwards, never more than a
+charge point could draw since, nor what the measured power allows between close readings).
+A reading that does not (``register_backwards`` / ``register_jump``) is held as suspect
+and used for nothing, and ``meter_register_anomaly`` is raised. If the register comes back to plausible progress from the anchor, the excursion
+was a glitch: the segment simply goes on, so a dip and recovery costs nothing and the energy
+charged during a glitch is billed by the next good reading. Only a level that holds for
+``REGISTER_CONFIRM_READINGS`` readings over ``REGISTER_CONFIRM_S`` (a reset register) — or
+a changed serial number (``meter_replaced``, at once) — closes the running segment at the
+anchor and begins a new one at the first reading of the new level. The session then bills
+the sum of its segments and carries a flag; the energy that may have flowed between the
+anchor and that first reading is not billed but stated as ``uncertain_wh`` (an upper bound
+from the largest power measured around it). The record's ``register_delta_wh`` (signed end
+minus begin) equals ``energy_wh`` unless a flag says why not. Readings without a valid
+register (the meter module rejects NaN, negative and absurd values) are never used for energy.
 """
 
 from . import log
@@ -25,6 +36,10 @@ from .ocmf import OcmfReading, build_payload, sign_document
 
 SESSION_KEYS_VERSION = 1
 MAX_AC_CURRENT_A = 80.0  # IEC 61851-1: the largest current a PWM duty can advertise
+REGISTER_CONFIRM_READINGS = 3  # a new register level must hold this many readings ...
+REGISTER_CONFIRM_S = 10.0  # ... over at least this long before it is billed from
+MEASURED_POWER_FACTOR = 1.5  # a rise between close readings may exceed their power by this much ...
+MEASURED_POWER_MARGIN_W = 500.0  # ... plus this
 
 
 def _reading_record(reading, synced, flags=None):
@@ -47,7 +62,7 @@ class Session:
     __slots__ = ("id", "number", "plug_in_time", "unplug_time", "segments", "charging_ms",
                  "period", "period_start_ms", "period_start_time", "max_power_w", "max_current_a",
                  "events", "flags", "documents", "pending", "last_reading", "fiscal_due_ms",
-                 "advertised_a")
+                 "advertised_a", "uncertain_wh")
 
     def __init__(self, number, session_id, plug_in_time, phases):
         self.id = session_id
@@ -68,6 +83,7 @@ class Session:
         self.last_reading = None  # record of the last good reading inside the session
         self.fiscal_due_ms = None
         self.advertised_a = None
+        self.uncertain_wh = 0  # energy that may have flowed across register faults, not billed
 
     def flag(self, name):
         if name not in self.flags:
@@ -94,7 +110,7 @@ class Session:
             "period_start_time": self.period_start_time, "max_power_w": self.max_power_w, "max_current_a": self.max_current_a,
             "events": self.events, "flags": self.flags, "documents": self.documents,
             "pending": self.pending, "last_reading": self.last_reading,
-            "advertised_a": self.advertised_a,
+            "advertised_a": self.advertised_a, "uncertain_wh": self.uncertain_wh,
         }
 
     @classmethod
@@ -105,6 +121,14 @@ class Session:
                      "last_reading", "advertised_a"):
             setattr(session, name, doc[name])
         session.period_start_time = doc.get("period_start_time")
+        session.uncertain_wh = doc.get("uncertain_wh", 0)
+        if not isinstance(session.max_current_a, list) or len(session.max_current_a) != phases:
+            session.max_current_a = [None] * phases
+        if not isinstance(session.segments, list) or not isinstance(session.flags, list):
+            raise TypeError("segments and flags must be lists")
+        for segment in session.segments:
+            if not isinstance(segment["begin"]["energy_wh"], int):
+                raise TypeError("a segment without an integer begin register")
         return session
 
 
@@ -133,7 +157,12 @@ class SessionEngine:
         self.session = None
         self.ending = []  # unplugged sessions still waiting for their end reading
         self.inputs = None
-        self.latest = None  # latest good Reading
+        self.latest = None  # latest Reading
+        self.good = None  # latest Reading whose register continued the anchor
+        self.anchor = None  # record of the last reading that continued the register plausibly
+        self.suspect = None  # readings that did not: {"problem", "first", "last", "count", "power_w"}
+        self._anchor_power_w = None
+        self.alarm = None  # alarm(type, active, values): meter_register_anomaly
         self._open_since_ms = None  # monotonic ms since when no current can flow
         self.completed = 0
 
@@ -146,7 +175,7 @@ class SessionEngine:
             return None
         try:
             session = Session.from_doc(doc, self.phases)
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
             log.error("open session file is not a session (%s); starting without it" % error)
             return None
         session.flag("agent_restarted")
@@ -156,6 +185,10 @@ class SessionEngine:
             # counts as charging (the inputs will say at once whether it still is).
             elapsed_ms = int(max(0.0, self.clock.time() - session.period_start_time) * 1000)
             session.period_start_ms = self.clock.monotonic_ms() - elapsed_ms
+        last = session.last_reading
+        if session.segments and session.segments[-1]["end"] is None and isinstance(last, dict) \
+                and isinstance(last.get("energy_wh"), int) and isinstance(last.get("time"), (int, float)):
+            self.anchor = last  # the register must continue from here
         if session.unplug_time is not None:
             self.ending.append(session)
             self.request_reading()
@@ -261,24 +294,27 @@ class SessionEngine:
     # -- readings --------------------------------------------------------------------
 
     def on_reading(self, reading):
-        """A good meter reading: session statistics, register checks, pending begin/end."""
+        """A meter reading: register checks, session statistics, pending begin/end."""
         self.latest = reading
-        for session in list(self.ending):
-            self._resolve_pending(session, reading)
+        usable = self._check_register(reading)
+        if usable:
+            self.good = reading
+            for session in list(self.ending):
+                self._resolve_pending(session, reading)
         session = self.session
         if session is None:
             return
-        if session.segments and session.segments[-1]["end"] is None:
-            self._check_register(session, reading)
         if session.period == "charging":
             self._track_maxima(session, reading)
-            if session.fiscal_due_ms is not None and reading.monotonic_ms >= session.fiscal_due_ms:
+            if usable and session.fiscal_due_ms is not None and reading.monotonic_ms >= session.fiscal_due_ms:
                 session.fiscal_due_ms = reading.monotonic_ms + self.fiscal_ms
                 self._sign_fiscal(session, reading)
+        if not usable:
+            return
         if session.pending is not None:
             self._resolve_pending(session, reading)
         elif session.segments:
-            session.last_reading = _reading_record(reading, self.clock.synced())
+            session.last_reading = self.anchor
 
     def on_meter_link(self, online, first=False):
         """The meter link came up or went down (``first``: the agent's first poll told its
@@ -300,8 +336,8 @@ class SessionEngine:
     def _want(self, session, which):
         """Take the begin/end reading now if the latest one is exact, else wait for one."""
         session.pending = which
-        if self._exact_now(self.latest):
-            self._resolve_pending(session, self.latest)
+        if self._exact_now(self.good):
+            self._resolve_pending(session, self.good)
             return
         if not self.meter.link.online:
             session.flag(which + "_delayed")
@@ -318,9 +354,11 @@ class SessionEngine:
         session.pending = None
         record = _reading_record(reading, self.clock.synced(), [f for f in session.flags if f == which + "_delayed"])
         if which == "begin":
-            self._begin_segment(session, reading, record, tx_status="G")
+            self._begin_segment(session, record, tx_status="G")
             self._save(session)
         else:
+            if self.suspect is not None:
+                session.flag("register_suspect")  # ended on the anchor while a fault was unresolved
             segment = session.segments[-1]
             segment["end"] = record
             segment_begin = segment["begin"]
@@ -336,43 +374,126 @@ class SessionEngine:
         return inputs is not None and inputs.contactor_feedback is None and inputs.contactor_command is None \
             and inputs.pilot not in ("C", "D")
 
-    def _begin_segment(self, session, reading, record, tx_status):
-        session.segments.append({"begin": record, "end": None, "serial": reading.serial})
+    def _begin_segment(self, session, record, tx_status):
+        session.segments.append({"begin": record, "end": None, "serial": record["serial"]})
         session.last_reading = record
         self._sign(session, [(record, "B", tx_status)], "T")
-        log.info("session %s: begin reading %d Wh (%s)" % (session.id, reading.energy_wh, record["ts"]))
+        log.info("session %s: begin reading %d Wh (%s)" % (session.id, record["energy_wh"], record["ts"]))
         self._publish_session(session, "begin")
 
-    def _check_register(self, session, reading):
-        """Detect a reset, jump or replaced meter; close the segment and start a new one."""
-        segment = session.segments[-1]
-        last = session.last_reading
-        if reading.energy_wh is None or last is None:
-            return
-        problem = None
-        if segment["serial"] is not None and reading.serial is not None and reading.serial != segment["serial"]:
-            problem = "meter_replaced"
-        elif reading.energy_wh < last["energy_wh"]:
-            problem = "register_backwards"
-        else:
-            # More than the most an AC charge point can draw (80 A per phase at the top of the
-            # voltage band) over the time between the readings cannot have been charged —
-            # also across an agent restart, when nothing was watching in between.
-            dt_h = max(0.0, reading.time - last["time"]) / 3600.0
-            allowed = self.max_power_w * dt_h + 10 + (reading.energy_resolution_mwh or 0) / 1000.0
-            if reading.energy_wh - last["energy_wh"] > allowed:
-                problem = "register_jump"
+    def _register_problem(self, last, reading, last_power_w=None):
+        """Why ``reading`` cannot continue the register from record ``last``, or None.
+
+        The rise may not exceed what the charge point could draw since ``last``; between
+        readings close together (within ``REGISTER_CONFIRM_S``) whose power is known
+        (``last_power_w`` and the reading's), not what the measured power allows either."""
+        if last["serial"] is not None and reading.serial is not None and reading.serial != last["serial"]:
+            return "meter_replaced"
+        if reading.energy_wh < last["energy_wh"]:
+            return "register_backwards"
+        # More than the most an AC charge point can draw (80 A per phase at the top of the
+        # voltage band) over the time between the readings cannot have been charged —
+        # also across an agent restart, when nothing was watching in between.
+        dt_s = max(0.0, reading.time - last["time"])
+        resolution_wh = (reading.energy_resolution_mwh or 0) / 1000.0
+        allowed = self.max_power_w * dt_s / 3600.0 + 10 + resolution_wh
+        power_w = reading.power_total
+        if last_power_w is not None and power_w is not None and dt_s <= REGISTER_CONFIRM_S:
+            # The register integrates the power between two samples: at most the larger one,
+            # with room for ripple, a rounding Wh and the register's steps.
+            measured_w = max(last_power_w, power_w, 0.0) * MEASURED_POWER_FACTOR + MEASURED_POWER_MARGIN_W
+            allowed = min(allowed, measured_w * dt_s / 3600.0 + 1 + 2 * resolution_wh)
+        if reading.energy_wh - last["energy_wh"] > allowed:
+            return "register_jump"
+        return None
+
+    def _check_register(self, reading):
+        """True when the reading's register may be used (it continues the anchor, or a new
+        level is confirmed now); False for a reading without register or a suspect one."""
+        if reading.energy_wh is None:
+            return False
+        record = _reading_record(reading, self.clock.synced())
+        anchor = self.anchor
+        problem = None if anchor is None else self._register_problem(anchor, reading, self._anchor_power_w)
+        suspect = self.suspect
         if problem is None:
-            return
-        log.warning("session %s: %s (register %s -> %s Wh, serial %s -> %s); billing in segments"
-                    % (session.id, problem, last["energy_wh"], reading.energy_wh, segment["serial"], reading.serial))
-        session.flag(problem)
-        segment["end"] = last
-        segment["end_reason"] = problem
-        self._sign(session, [(segment["begin"], "B", "G"), (last, "X", "G")], "T")
-        record = _reading_record(reading, self.clock.synced(), [problem])
-        self._begin_segment(session, reading, record, tx_status="X" if problem == "meter_replaced" else "G")
-        self._save(session)
+            if suspect is not None:
+                self.suspect = None
+                self._anomaly_over(suspect, "glitch", 0)
+            self._set_anchor(record, reading.power_total)
+            return True
+        if problem == "meter_replaced":
+            if suspect is not None:
+                self.suspect = None
+                self._anomaly_over(suspect, "replaced", 0)
+            self._new_level(problem, record, [reading.power_total])
+            self._set_anchor(record, reading.power_total)
+            return True
+        if suspect is None or self._register_problem(suspect["last"], reading) is not None:
+            if suspect is None:
+                log.warning("meter register %s: %s -> %s Wh; held until it returns or holds"
+                            % (problem, anchor["energy_wh"], reading.energy_wh))
+                if self.alarm is not None:
+                    self.alarm("meter_register_anomaly", True, {
+                        "problem": problem, "from_wh": anchor["energy_wh"], "to_wh": reading.energy_wh})
+            self.suspect = {"problem": problem, "first": record, "last": record, "count": 1,
+                            "power_w": [reading.power_total]}
+            return False
+        suspect["last"] = record
+        suspect["count"] += 1
+        suspect["power_w"].append(reading.power_total)
+        if suspect["count"] >= REGISTER_CONFIRM_READINGS and \
+                record["time"] - suspect["first"]["time"] >= REGISTER_CONFIRM_S:
+            self.suspect = None
+            uncertain = self._new_level(suspect["problem"], suspect["first"], suspect["power_w"])
+            self._anomaly_over(suspect, "new_level", uncertain)
+            self._set_anchor(record, reading.power_total)
+            return True
+        return False
+
+    def _set_anchor(self, record, power_w):
+        self.anchor = record
+        self._anchor_power_w = power_w
+        for session in self._open_segments():
+            session.last_reading = record
+
+    def _open_segments(self):
+        sessions = ([self.session] if self.session is not None else []) + self.ending
+        return [s for s in sessions if s.segments and s.segments[-1]["end"] is None]
+
+    def _anomaly_over(self, suspect, outcome, uncertain_wh):
+        log.warning("meter register %s over: %s after %d reading(s)" % (suspect["problem"], outcome, suspect["count"]))
+        if self.alarm is not None:
+            self.alarm("meter_register_anomaly", False, {
+                "problem": suspect["problem"], "outcome": outcome, "readings": suspect["count"],
+                "from_wh": self.anchor["energy_wh"], "to_wh": suspect["last"]["energy_wh"],
+                "uncertain_wh": uncertain_wh})
+
+    def _new_level(self, problem, first, powers):
+        """The register continues from ``first`` (a reset or another meter): every open
+        segment ends at the anchor and a new one begins at ``first``. Returns the energy
+        that may have flowed between the two readings (unbilled, stated as uncertain)."""
+        anchor = self.anchor
+        known = [p for p in powers + [self._anchor_power_w] if p is not None]
+        power_w = max(known) if known else self.max_power_w
+        gap_h = max(0.0, first["time"] - anchor["time"]) / 3600.0
+        uncertain = 0 if power_w <= 0 else int(power_w * gap_h) + 1
+        for session in self._open_segments():
+            log.warning("session %s: %s (register %s -> %s Wh, serial %s -> %s); billing in segments"
+                        % (session.id, problem, anchor["energy_wh"], first["energy_wh"],
+                           anchor["serial"], first["serial"]))
+            session.flag(problem)
+            segment = session.segments[-1]
+            end = anchor if anchor["time"] >= segment["begin"]["time"] else segment["begin"]
+            segment["end"] = end
+            segment["end_reason"] = problem
+            session.uncertain_wh += uncertain
+            self._sign(session, [(segment["begin"], "B", "G"), (end, "X", "G")], "T")
+            begin = dict(first)
+            begin["flags"] = [problem]
+            self._begin_segment(session, begin, tx_status="X" if problem == "meter_replaced" else "G")
+            self._save(session)
+        return uncertain
 
     def _track_maxima(self, session, reading):
         if reading.power_total is not None and (session.max_power_w is None or reading.power_total > session.max_power_w):
@@ -440,6 +561,9 @@ class SessionEngine:
             "end": session.segments[-1]["end"] if session.segments and event == "end" else None,
             "segments": len(session.segments),
             "energy_wh": energy,
+            "register_delta_wh": session.segments[-1]["end"]["energy_wh"] - session.segments[0]["begin"]["energy_wh"]
+            if event == "end" and session.segments and session.segments[-1]["end"] is not None else None,
+            "uncertain_wh": session.uncertain_wh,
             "plugged_s": round(plugged_s, 1),
             "charging_s": round(charging_s, 1),
             "idle_s": round(plugged_s - charging_s, 1),
@@ -471,9 +595,9 @@ class SessionEngine:
             return None
         total = session.energy_wh
         segment = session.segments[-1]
-        latest = self.latest
-        if segment["end"] is None and latest is not None and latest.energy_wh is not None:
-            total += max(0, latest.energy_wh - segment["begin"]["energy_wh"])
+        anchor = self.anchor
+        if segment["end"] is None and anchor is not None:
+            total += max(0, anchor["energy_wh"] - segment["begin"]["energy_wh"])
         return total
 
     def state_doc(self):

@@ -14,6 +14,12 @@ from the database the first time a station is seen (everything below the station
 stored gap counts as seen; the records above it are read), updated with each stored record, and
 re-read from the database over its holes and above its highest seq before the
 ``gaps`` rows are rewritten — so records another collector stored close gaps here too.
+
+Records are trusted only as far as they are plausible: a station id must be a well-formed
+topic level (``STATION_ID_CHARS``, at most 64 characters, as the agent's board check
+allows), and a seq more than ``MAX_SEQ_AHEAD`` above the station's highest stored seq (or
+above ``MAX_FIRST_SEQ`` for a station not seen before) is rejected as malformed — a forged
+2^62 is neither stored nor left as a gap of 4.6e18 in the gap tracking.
 """
 
 import json
@@ -33,6 +39,11 @@ STATUS_CHANNEL = "status"
 STATUS_VALUES = ("online", "offline")
 SESSION_EVENTS = ("start", "begin", "end")
 MAX_SEQ = (1 << 63) - 1
+# A station journals a few records a minute; ten million ahead of what is stored is years of
+# records the collector never saw — a forgery, not a backlog.
+MAX_SEQ_AHEAD = 10000000
+MAX_FIRST_SEQ = 1 << 40
+STATION_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
 LOGGED_PAYLOAD_CHARS = 120
 
 SESSION_COLUMNS = ("plug_in", "unplug", "begin_wh", "end_wh", "energy_wh", "plugged_s",
@@ -220,6 +231,16 @@ def _json_body(message):
     return body
 
 
+def station_id_problem(station):
+    """Why ``station`` is not a well-formed station id, or None."""
+    if len(station) > 64:
+        return "is longer than 64 characters"
+    bad = sorted(set(station) - STATION_ID_CHARS)
+    if bad:
+        return "contains %r; station ids use letters, digits, '-', '_' and '.'" % bad[0]
+    return None
+
+
 def topic_parts(prefix, topic):
     """(station, channel) of ``<prefix>/<station>/<channel>``; None for other topics."""
     parts = topic.split("/")
@@ -291,6 +312,11 @@ class Ingestor:
                 result.ignored += 1
                 continue
             station, channel = parts
+            problem = station_id_problem(station)
+            if problem is not None:
+                # No station row for it: a malformed id is not a station.
+                self._reject(message, Malformed("station id %s %s" % (_brief(station), problem)), None, result)
+                continue
             update = stations.get(station)
             if update is None:
                 update = stations[station] = StationUpdate()
@@ -321,12 +347,27 @@ class Ingestor:
                         touched.add(station)
                         self._seed(station)
                 stored = []
+                highest = {}
                 for record in records:
+                    station = record.station
+                    if station not in highest:
+                        highest[station] = self.store.scalar(
+                            "SELECT MAX(seq) FROM records WHERE station = ?", (station,))
+                    known = highest[station]
+                    limit = MAX_FIRST_SEQ if known is None else known + MAX_SEQ_AHEAD
+                    if record.seq > limit:
+                        result.malformed += 1
+                        stations[station].malformed += 1
+                        log.warning("station %s: record seq %d skipped: implausibly far ahead of the highest"
+                                    " stored seq (%s)", station, record.seq, known)
+                        continue
                     outcome = self._store_record(record)
                     if outcome is None:
                         stations[record.station].malformed += 1
                         result.malformed += 1
                     elif outcome:
+                        if highest[record.station] is None or record.seq > highest[record.station]:
+                            highest[record.station] = record.seq
                         stored.append(record)
                         touched.add(record.station)
                         result.stored += 1

@@ -100,7 +100,9 @@ def build_agent(config, clock, quiet=False, stream=None, pins=None):
     meter_cfg = config["meter"]
     model = model_named(meter_cfg["model"])
     signer = FileKeySigner(config["signing"]["key_file"])
-    store = StateStore(FileSystem(config["session"]["state_dir"]))
+    journal_cfg = config["journal"]
+    # The journal's directory keeps a second copy of the counters (see store.py).
+    store = StateStore(FileSystem(config["session"]["state_dir"]), FileSystem(journal_cfg["dir"]))
     if stream is None:
         stream = SerialStream(meter_cfg["port"], meter_cfg["baudrate"], meter_cfg["parity"],
                               meter_cfg["stopbits"])
@@ -108,9 +110,9 @@ def build_agent(config, clock, quiet=False, stream=None, pins=None):
     meter = ModbusMeter(master, model, meter_cfg["unit_id"], clock, meter_cfg["offline_after"])
     topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
     publisher = MqttPublisher(config["mqtt"], topics.status)
-    journal_cfg = config["journal"]
     journal = Journal(FileSystem(journal_cfg["dir"]), journal_cfg, clock)
     journal.recover()
+    store.recover_from_journal(journal)
     forwarder = Forwarder(journal, publisher, topics, clock, journal_cfg["window"])
     outbox = Outbox(publisher, config["station_id"], journal, forwarder)
     agent = Agent(config, meter, outbox, clock, forwarder=forwarder,
