@@ -99,6 +99,7 @@ class PowerMonitor:
         # Input sampling: ``sampled_ms()`` is when the input monitor last sampled (None: the
         # caller's time is taken, as for a monitor sampled regularly).
         self.sampled_ms = sampled_ms
+        self.sample_ms = sample_ms
         self.confirm_ms = debounce_ms + 2 * sample_ms
         self._pending = []  # [reading, advertised_a, ended_ms, first sample after it or None]
         self._quiet_until_ms = None  # readings begun before this follow an input change
@@ -227,7 +228,7 @@ class PowerMonitor:
         due = None
         if self._pending:
             entry = self._pending[0]
-            due = (entry[2] if entry[3] is None else entry[3] + self.confirm_ms) + 1
+            due = entry[2] + self.sample_ms if entry[3] is None else entry[3] + self.confirm_ms + 1
         inputs = self._inputs
         if inputs is None or inputs.contactor_command is None or inputs.contactor_feedback is None:
             return due
