@@ -226,9 +226,14 @@ class PowerMonitor:
         """When ``tick`` next has a contactor check to decide, or None until the inputs
         change: the supervisor sleeps until then instead of ticking on a fixed beat."""
         due = None
-        if self._pending:
-            entry = self._pending[0]
-            due = entry[2] + self.sample_ms if entry[3] is None else entry[3] + self.confirm_ms + 1
+        for entry in self._pending:
+            # The oldest reading's confirmation, or the first sample after a newer one.
+            if entry[3] is None:
+                waiting = entry[2] + self.sample_ms
+                due = waiting if due is None or waiting < due else due
+                break
+            if due is None:
+                due = entry[3] + self.confirm_ms + 1
         inputs = self._inputs
         if inputs is None or inputs.contactor_command is None or inputs.contactor_feedback is None:
             return due
@@ -291,13 +296,14 @@ class PowerMonitor:
         """Judge the waiting readings that the input samples taken since have confirmed."""
         sampled = now_ms if self.sampled_ms is None else self.sampled_ms()
         pending = self._pending
-        while pending and sampled is not None:
-            entry = pending[0]
-            if entry[3] is None:
-                if sampled < entry[2]:
-                    return
+        if sampled is None:
+            return
+        for entry in pending:
+            if entry[3] is None and sampled >= entry[2]:
                 entry[3] = sampled  # no earlier than the first sample after the reading
-            if sampled < entry[3] + self.confirm_ms:
+        while pending:
+            entry = pending[0]
+            if entry[3] is None or sampled < entry[3] + self.confirm_ms:
                 return
             del pending[0]
             reading = entry[0]
