@@ -17,6 +17,11 @@ If the register goes backwards, jumps by more than a charge point could draw in 
 between two readings, or the meter's serial number changes (meter reset or replaced), the running segment is closed at
 the last good reading and a new one begins at the next: the session bills the sum of its
 segments and carries a flag, so it never bills a negative or implausible amount.
+
+A begin still wanted while current flows (the car was charging when the agent started:
+``plugged_in_before_start``; or it began charging before an exact reading came) is taken
+from the first good reading and flagged ``begin_while_charging``; the meter keeps its
+normal cadence meanwhile.
 """
 
 from . import log
@@ -334,12 +339,13 @@ class SessionEngine:
 
     def _acceptable_late(self, session, reading):
         """Without contactor information or after an outage, the next good reading is taken;
-        so is the first good one of a session whose car was charging when the agent started
-        (nothing better can come: the energy before it was never watched)."""
+        so is the first good one when the begin is still wanted while current flows (the car
+        was charging when the agent started, or began before an exact reading came): no
+        exact one can come before the car stops, and waiting would bill nothing of this charge."""
         if session.pending + "_delayed" in session.flags:
             return True
         inputs = self.inputs
-        if (session.pending == "begin" and not session.segments and "plugged_in_before_start" in session.flags
+        if (session.pending == "begin" and not session.segments
                 and inputs is not None and self._current_can_flow(inputs)):
             session.flag("begin_while_charging")
             return True
