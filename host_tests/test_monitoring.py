@@ -285,7 +285,7 @@ def test_clean_stop_forwards_the_journal_and_a_restart_says_what_its_first_aggre
     before the process ends. kill -9 and restart: the first aggregate of the new run says it
     is incomplete and when its samples begin."""
     st = Station(broker, collector, meter_sim, agent_process, station_dir)
-    agent = st.start("--set", "journal.aggregate_interval_s=2")
+    agent = st.start("--set", "journal.aggregate_interval_s=2", "--set", "journal.sync_interval_s=0.5")
     st.wait(lambda m: m.topic.endswith("/aggregate"), "aggregate")
     assert agent.stop() == 0
     last = [m.body for m in collector.on("aggregate")][-1]
@@ -298,12 +298,12 @@ def test_clean_stop_forwards_the_journal_and_a_restart_says_what_its_first_aggre
     journal.close()
     assert "not yet acknowledged" not in agent.log()
 
-    agent = st.start("--set", "journal.aggregate_interval_s=2")
+    agent = st.start("--set", "journal.aggregate_interval_s=2", "--set", "journal.sync_interval_s=0.5")
     seen = len(collector.on("aggregate"))
     wait_for(lambda: len(collector.on("aggregate")) >= seen + 2, 20)
     agent.kill()
     restarted = time.time()
-    agent = st.start("--set", "journal.aggregate_interval_s=2")
+    agent = st.start("--set", "journal.aggregate_interval_s=2", "--set", "journal.sync_interval_s=0.5")
     first = st.wait(lambda m: m.topic.endswith("/aggregate") and _epoch(m.body["first_ts"]) >= restarted,
                     "aggregate after restart").body
     assert first["complete"] is False

@@ -308,8 +308,8 @@ class SessionEngine:
         if self._exact_now(self.latest):
             self._resolve_pending(session, self.latest)
             return
-        if not self.meter.link.online:
-            session.flag(which + "_delayed")
+        if not self.meter.link.online and getattr(self.meter.link, "cycles", 1):
+            session.flag(which + "_delayed")  # offline (not merely before the first poll answered)
         self.request_reading()
         self._save(session)
 
