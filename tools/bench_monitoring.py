@@ -412,6 +412,41 @@ def _classify_e2e(workdir, collector, periods):
             "delays_ms": sorted(detected.values())}
 
 
+def monitoring_figures(broker, workdir, quick=False):
+    """``make bench``'s monitoring figures: the fast-clock core (agent and seed's rule on the
+    same plans) and one randomized end-to-end run."""
+    figures = {"core": core_figures(1000 if quick else 5000)}
+    e2e = run_end_to_end(os.path.join(workdir, "monitoring"), broker, stops=6 if quick else 15)
+    figures["end_to_end"] = {
+        "stops": e2e["stops"], "false_events": len(e2e["false"]), "drops": e2e["drops"], "missed": e2e["missed"],
+        "delay_p50_ms": _percentile(e2e["delays_ms"], 50), "delay_p99_ms": _percentile(e2e["delays_ms"], 99),
+        "readings": e2e["readings"], "telemetry": e2e["telemetry"], "stale": e2e["stale"],
+        "telemetry_per_reading": round(e2e["telemetry"] / e2e["readings"], 3) if e2e["readings"] else None,
+    }
+    return figures
+
+
+def monitoring_rows(figures, row):
+    """Table rows for ``tools/bench.py`` (``row(figure, measured, baseline, ratio)``)."""
+    core = figures["core"]
+    agent, seed = core["agent"], core["baseline"]
+    rows = [row("false power events per 1000 stops (fast clock, %d stops)" % core["stops"],
+                "%.2f" % agent["false_per_1000_stops"], "seed rule %.2f" % seed["false_per_1000_stops"]),
+            row("missed true drops per 1000 (fast clock, %d drops)" % agent["drops"],
+                "%.2f" % agent["missed_per_1000_drops"], "seed rule %.2f" % seed["missed_per_1000_drops"]),
+            row("drop detection delay p50 / p99 (fast clock)",
+                "%s / %s ms" % (agent["delay_p50_ms"], agent["delay_p99_ms"]),
+                "%s / %s ms" % (seed["delay_p50_ms"], seed["delay_p99_ms"]))]
+    e2e = figures["end_to_end"]
+    rows += [row("end to end: false events / missed drops (%d stops, %d drops)" % (e2e["stops"], e2e["drops"]),
+                 "%d / %d" % (e2e["false_events"], e2e["missed"]), "0 / 0"),
+             row("end to end: drop -> subscriber p50 / p99",
+                 "%s / %s ms" % (e2e["delay_p50_ms"], e2e["delay_p99_ms"]), ""),
+             row("end to end: telemetry messages per reading (%d readings)" % e2e["readings"],
+                 "%s" % e2e["telemetry_per_reading"], "1 per reading")]
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="bench_monitoring", description=__doc__.splitlines()[0])
     parser.add_argument("--stops", type=int, default=2000, help="stops in the fast-clock run")

@@ -294,10 +294,10 @@ class PowerMonitor:
 
     def confirm(self, now_ms):
         """Judge the waiting readings that the input samples taken since have confirmed."""
-        sampled = now_ms if self.sampled_ms is None else self.sampled_ms()
-        pending = self._pending
+        sampled = None if self.sampled_ms is None else self.sampled_ms()
         if sampled is None:
-            return
+            sampled = now_ms  # inputs fed directly, not sampled (a simulation): now is known
+        pending = self._pending
         for entry in pending:
             if entry[3] is None and sampled >= entry[2]:
                 entry[3] = sampled  # no earlier than the first sample after the reading
