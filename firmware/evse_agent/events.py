@@ -32,8 +32,9 @@ time and two samples more (``sampled_ms``): by then any pilot or contactor chang
 under way while the meter was read has been accepted. An accepted input change discards
 the readings still waiting and starts a quiet time (``contactor_check_ms``, or
 ``overcurrent_grace_s`` when the advertised current changed: IEC 61851 gives the vehicle
-that long to follow) in which readings are no evidence; it also restarts the drop baseline
-and the fluctuation window. So an ordinary start or stop never raises a power event, and a
+that long to follow) in which readings are no evidence of a power drop or fluctuation; it
+also restarts the drop baseline, the fluctuation window and the overcurrent grace (which
+is itself the vehicle's time to follow, so confirmed readings count for it at once). So an ordinary start or stop never raises a power event, and a
 drop while the inputs stay as they are is raised once the reading after it is confirmed.
 """
 
@@ -307,10 +308,13 @@ class PowerMonitor:
                 return
             del pending[0]
             reading = entry[0]
-            if self._charging and self._quiet_until_ms is not None and reading.monotonic_ms >= self._quiet_until_ms:
+            if not self._charging:
+                continue
+            # Overcurrent has its own grace for the vehicle to follow; power needs quiet inputs.
+            self._check_current(reading.current, entry[1], reading.monotonic_ms)
+            if self._quiet_until_ms is not None and reading.monotonic_ms >= self._quiet_until_ms:
                 self.judged += 1
                 self._check_power(reading.power_total, reading.monotonic_ms)
-                self._check_current(reading.current, entry[1], reading.monotonic_ms)
 
     def _check_power(self, power, now_ms):
         cfg = self.config
