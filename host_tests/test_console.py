@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, SIM_BOARD
+from conftest import ROOT, SIM_BOARD, wait_for
 from evse_agent.config import ConfigError, validate
 from evse_agent.console import CommandError, Console, LineEditor, PinLock, match, pin_hash, pin_matches
 from evse_agent.journal import AGGREGATE, EVENT, Journal, scan
@@ -456,8 +456,9 @@ def test_lock_config_and_restart(console_station, collector):
     sent = time.monotonic()
     assert cs.command("config set mqtt.telemetry_interval_s 0.4").strip() == \
         "mqtt.telemetry_interval_s = 0.4: in use now; 'config save' keeps it"
-    time.sleep(2.2)  # the next telemetry is still on the old schedule, then every 0.4 s
-    times = [m.received for m in collector.on("telemetry") if m.received > sent + 1.1]
+    # At most one more telemetry on the old schedule, then every 0.4 s.
+    wait_for(lambda: len([m for m in collector.on("telemetry") if m.received > sent + 1.1]) >= 3, 10)
+    times = [m.received for m in collector.on("telemetry") if m.received > sent + 1.1][:3]
     assert len(times) >= 3 and max(b - a for a, b in zip(times, times[1:])) < 0.7, times
     assert cs.command("config set events.voltage_max_v 240").strip() == \
         "events.voltage_max_v = 240.0: in use now; 'config save' keeps it"
