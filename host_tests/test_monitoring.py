@@ -160,7 +160,7 @@ class Station:
 
     def wait(self, predicate, what, timeout_s=15):
         message = self.collector.wait_for(predicate, timeout_s=timeout_s)
-        assert message is not None, "no %s\n%s\n%s" % (what, self.agent.log(), [(m.topic, m.text[:300]) for m in self.collector.messages[-8:]])
+        assert message is not None, "no %s\n%s" % (what, self.agent.log())
         return message
 
     def session(self, event):

@@ -27,14 +27,13 @@ import heapq
 import json
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
 
 from evse_agent.config import validate
 from evse_agent.events import PowerMonitor
-from evse_agent.pilot import InputMonitor, PinSample, current_from_duty, duty_from_current
+from evse_agent.pilot import InputMonitor, PinSample, duty_from_current
 from evse_agent.reading import Reading
 
 POWER_EVENTS = ("power_drop", "power_fluctuation")

@@ -34,8 +34,9 @@ the readings still waiting and starts a quiet time (``contactor_check_ms``, or
 ``overcurrent_grace_s`` when the advertised current changed: IEC 61851 gives the vehicle
 that long to follow) in which readings are no evidence of a power drop or fluctuation; it
 also restarts the drop baseline, the fluctuation window and the overcurrent grace (which
-is itself the vehicle's time to follow, so confirmed readings count for it at once). So an ordinary start or stop never raises a power event, and a
-drop while the inputs stay as they are is raised once the reading after it is confirmed.
+is itself the vehicle's time to follow, so confirmed readings count for it at once). So
+an ordinary start or stop never raises a power event, and a drop while the inputs stay as
+they are is raised once the reading after it is confirmed.
 """
 
 INFO = "info"
