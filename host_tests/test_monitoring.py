@@ -130,9 +130,9 @@ def test_end_to_end_random_stops_starts_and_drops(broker, tmp_path):
     """Random stops, starts and true drops through the real simulators and broker: no false
     power event, every drop detected, one telemetry message per reading."""
     result = run_end_to_end(str(tmp_path / "e2e"), broker, stops=6, seed=random.randrange(1 << 30), poll_s=0.5)
+    assert result["stops"] == 6 and result["drops"] >= 1
     assert result["false"] == [], result
-    assert result["drops"] > 0 or result["stops"] == 6
-    assert result["missed"] == 0, result
+    assert result["missed"] == 0 and result["detected"] == result["drops"], result
     assert result["readings"] > 0 and result["telemetry"] == result["readings"], result
 
 

@@ -357,12 +357,13 @@ def run_end_to_end(workdir, broker, stops=12, seed=13, poll_s=1.0, drop_share=0.
         while time.monotonic() < deadline and not collector.on("state"):
             time.sleep(0.05)
         time.sleep(rng.uniform(1.0, 2.0))
-        for _ in range(stops):
+        for index in range(stops):
             start = time.monotonic()
             vehicle.draw(None)
             vehicle.charge()
             drop_at = None
-            if rng.random() < drop_share:
+            last_chance = index == stops - 1 and not any(p["drop_at"] for p in periods)
+            if rng.random() < drop_share or last_chance:  # at least one drop per run
                 time.sleep(1.5 + 2 * poll_s + rng.uniform(0, poll_s))
                 drop_at = time.monotonic()
                 vehicle.draw(16.0 * rng.uniform(0.1, 0.4))
