@@ -291,6 +291,8 @@ def _deliver(agent, reading):
     agent.engine.on_reading(reading)
     inputs = agent.engine.inputs
     agent.monitor.on_reading(reading, inputs.advertised_a if inputs else None)
+    # The inputs come straight from the world, never half-way through a debounce: confirmed.
+    agent.monitor.confirm(reading.monotonic_ms + agent.monitor.confirm_ms)
     finished = agent.aggregator.add(reading)
     if finished is not None:
         agent.outbox.record(AGGREGATE, finished)

@@ -15,6 +15,14 @@ One asyncio task per concern (STYLE: micropython-async):
 Everything leaves through the outbox: session records, events and telemetry aggregates
 are journaled first; live telemetry and state go out at once. ``on_reading`` lets the
 port show live readings.
+
+Live data: one telemetry message per reading when the telemetry interval is not longer than
+the poll interval (otherwise the first reading of each telemetry interval, with half a poll
+of slack for jitter); a cycle whose read failed repeats the last sample flagged ``stale``
+while the link is still online. The retained ``meter`` and ``state`` messages are published
+again after every (re)connect to the broker, and ``state`` only once the first poll cycle
+has told whether the meter answers. A clean stop journals the last aggregate and gives the
+forwarder up to ``STOP_FLUSH_MS`` to have the broker acknowledge what was journaled.
 """
 
 import asyncio
@@ -27,6 +35,9 @@ from .messages import Topics, iso_utc, meter_status_doc, telemetry_doc
 # The supervisor sleeps until the power monitor's next contactor check is due or the inputs
 # change; with nothing due it still looks in at this interval.
 SUPERVISOR_IDLE_MS = 1000
+
+# A clean stop waits at most this long for the broker to acknowledge the journaled records.
+STOP_FLUSH_MS = 3000
 
 # Settings the running agent takes into use at once (with every ``events.*`` threshold).
 LIVE_SETTINGS = ("description", "meter.poll_interval_s", "meter.timeout_ms", "meter.retries",
@@ -41,6 +52,7 @@ def event_doc(event):
         "type": event.type,
         "severity": event.severity,
         "state": "active" if event.end is None else "cleared",
+        "instant": bool(getattr(event, "instant", False)),
         "start": iso_utc(event.start),
         "end": None if event.end is None else iso_utc(event.end),
         "values": event.values,
@@ -72,6 +84,8 @@ class Agent:
         self._poll_ms = int(config["meter"]["poll_interval_s"] * 1000)
         self._telemetry_ms = int(config["mqtt"]["telemetry_interval_s"] * 1000)
         self._status_ms = int(config["mqtt"]["status_interval_s"] * 1000)
+        self._last_telemetry_ms = None
+        self._retained_for = None  # publisher.connects when the retained messages last went out
         self._stopping = False
         self._wake = asyncio.Event()
         self._supervise = asyncio.Event()  # inputs or thresholds changed: recompute deadlines
@@ -150,14 +164,13 @@ class Agent:
         return True
 
     def stop(self):
-        """Ask the loops to finish after the current cycle."""
+        """Ask the loops to finish after the current cycle (the forwarder after ``run`` has
+        flushed the journal to the broker)."""
         self._stopping = True
         self._wake.set()
         self._supervise.set()
         if self.inputs is not None:
             self.inputs.stop()
-        if self.forwarder is not None:
-            self.forwarder.stop()
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -168,8 +181,9 @@ class Agent:
             tasks.append(asyncio.create_task(self.inputs.run()))
         if self.monitor is not None:
             tasks.append(asyncio.create_task(self._supervisor()))
+        forwarding = None
         if self.forwarder is not None:
-            tasks.append(asyncio.create_task(self.forwarder.run()))
+            forwarding = asyncio.create_task(self.forwarder.run())
         if self.console is not None:
             tasks.append(asyncio.create_task(self.console.run()))
         if self.discovery is not None:
@@ -185,10 +199,33 @@ class Agent:
                     await task
                 except asyncio.CancelledError:
                     pass
-            last = self.aggregator.flush()
+            last = self.aggregator.flush(final=True)
             if last is not None:
                 self.outbox.record(AGGREGATE, last)
+            if forwarding is not None:
+                await self._flush_journal(STOP_FLUSH_MS)
+                self.forwarder.stop()
+                try:
+                    await forwarding
+                except asyncio.CancelledError:
+                    pass
         log.info("agent stopped after %d poll cycles" % self.cycles)
+
+    async def _flush_journal(self, limit_ms):
+        """Let the forwarder publish what was journaled until the broker acknowledged all
+        of it, the broker is out of reach, or ``limit_ms`` passed; True when all arrived."""
+        journal = self.outbox.journal
+        publisher = self.outbox.publisher
+        journal.sync()
+        deadline = self.clock.monotonic_ms() + limit_ms
+        while journal.acked < journal.publishable_seq():
+            if not getattr(publisher, "connected", True) or self.clock.monotonic_ms() >= deadline:
+                log.warning("stopping with journal records %d..%d not yet acknowledged: sent after the next start"
+                            % (journal.acked + 1, journal.publishable_seq()))
+                return False
+            self.forwarder.wake()
+            await asyncio.sleep(0.02)
+        return True
 
     async def _supervisor(self):
         clock = self.clock
@@ -218,7 +255,6 @@ class Agent:
         started = clock.monotonic_ms()
         end_ms = None if duration_s is None else started + int(duration_s * 1000)
         next_poll = started
-        next_telemetry = started
         next_status = started + self._status_ms
         reported_transitions = -1  # the first cycle always publishes the link status
         while not self._stopping:
@@ -236,31 +272,53 @@ class Agent:
             reading = await self.meter.read()
             self.cycles += 1
             link = self.meter.link
-            if link.transitions != reported_transitions or now >= next_status:
+            connects = getattr(self.outbox.publisher, "connects", None)
+            if link.transitions != reported_transitions or now >= next_status or connects != self._retained_for:
                 if link.transitions != reported_transitions:
                     self._on_link_change(link, first=reported_transitions < 0)
+                elif connects != self._retained_for:
+                    self.publish_state()  # a broker without persistence forgot it
                 reported_transitions = link.transitions
+                self._retained_for = connects
                 next_status = now + self._status_ms
                 self.publish_meter_status()
             if reading is None:
+                if self.latest is not None and link.online and self._telemetry_due(now):
+                    self._post_telemetry(self.latest, True)
                 continue
             self.latest = reading
             if self.engine is not None:
                 self.engine.on_reading(reading)
             if self.monitor is not None:
                 advertised = self.engine.inputs.advertised_a if self.engine and self.engine.inputs else None
-                self.monitor.on_reading(reading, advertised)
+                self.monitor.on_reading(reading, advertised, clock.monotonic_ms())
+                self._supervise.set()  # the reading waits for the input samples to confirm it
             finished = self.aggregator.add(reading)
             if finished is not None:
                 self.outbox.record(AGGREGATE, finished)
             if self.on_reading is not None:
                 self.on_reading(reading)
-            if now >= next_telemetry:
-                next_telemetry += self._telemetry_ms
-                if next_telemetry <= now:
-                    next_telemetry = now + self._telemetry_ms
-                session_energy = None if self.engine is None else self.engine.energy_so_far()
-                self.outbox.post(self.topics.telemetry, telemetry_doc(reading, session_energy))
+            if self._telemetry_due(now):
+                self._post_telemetry(reading, False)
+
+    def _telemetry_due(self, now_ms):
+        """True (and noted) when a telemetry message goes out in the cycle begun at ``now_ms``."""
+        last = self._last_telemetry_ms
+        if last is None or self._telemetry_ms <= self._poll_ms \
+                or now_ms - last >= self._telemetry_ms - self._poll_ms // 2:
+            self._last_telemetry_ms = now_ms
+            return True
+        return False
+
+    def _post_telemetry(self, reading, stale):
+        session_energy = None if self.engine is None else self.engine.energy_so_far()
+        self.outbox.post(self.topics.telemetry, telemetry_doc(reading, session_energy, stale, self.clock.time()))
+
+    def publish_state(self):
+        """The retained charge-point state again (after a reconnect), once it is known."""
+        engine = self.engine
+        if engine is not None and engine.inputs is not None and getattr(self.meter.link, "cycles", 1):
+            self.publish("state", engine.state_doc())
 
     def _on_link_change(self, link, first=False):
         """The meter link changed (``first``: the first cycle told its state)."""
@@ -292,8 +350,11 @@ def attach_charge_point(agent, store, signer, pins):
     }
     agent.engine = SessionEngine(config, store, signer, agent.clock, agent.meter, agent.publish,
                                  agent.request_reading, identity)
+    pilot = config["io"]["pilot"]
     agent.monitor = PowerMonitor(config["events"], model.phases, agent.clock, agent.publish_event,
-                                 lambda: store.next_number("event"))
+                                 lambda: store.next_number("event"), pilot["sample_ms"], pilot["debounce_ms"],
+                                 lambda: agent.inputs.sampled_ms)
+    agent.monitor.session_of = agent.engine.open_session_id
     agent.inputs = InputMonitor(pins, config["io"], agent.clock, agent)
     # Meter faults, register anomalies and damage found at start are events an operator sees.
     agent.engine.alarm = agent.monitor.alarm

@@ -4,6 +4,11 @@ An aggregate covers one wall-clock interval (aligned to multiples of ``interval_
 holds min / mean / max of total power, and of voltage, current and power per phase, the
 frequency, and the import register at the interval's first and last reading — so power
 fluctuations survive a broker outage without writing every sample to flash.
+
+Each aggregate says which samples it holds: ``samples``, the times of its first and last
+sample (``first_ts``, ``last_ts``), and ``complete``: false for the window in which the agent
+started (a restart after a crash begins mid-window: the samples before it were lost with the
+process) and for the one it closed at a clean stop.
 """
 
 from .messages import iso_utc
@@ -42,6 +47,7 @@ class Aggregator:
         self.interval_ms = int(interval_s * 1000)
         self.phases = phases
         self._slot = None
+        self._first_window = True  # the agent started inside it: samples before are missing
         self._reset()
 
     def _reset(self):
@@ -53,6 +59,8 @@ class Aggregator:
         self.frequency = _Stat()
         self.energy_first = None
         self.energy_last = None
+        self.first_time = None
+        self.last_time = None
 
     def add(self, reading):
         slot = int(reading.time * 1000) // self.interval_ms
@@ -61,6 +69,9 @@ class Aggregator:
             finished = self.flush()
         self._slot = slot
         self.samples += 1
+        if self.first_time is None:
+            self.first_time = reading.time
+        self.last_time = reading.time
         self.power_total.add(reading.power_total)
         for i in range(self.phases):
             self.voltage[i].add(reading.voltage[i])
@@ -73,16 +84,22 @@ class Aggregator:
             self.energy_last = reading.energy_wh
         return finished
 
-    def flush(self):
-        """The aggregate of the current interval (None if it has no samples); starts anew."""
+    def flush(self, final=False):
+        """The aggregate of the current interval (None if it has no samples); starts anew.
+        ``final``: the agent stops inside the interval (the aggregate is not complete)."""
         if self._slot is None or not self.samples:
             return None
+        complete = not (self._first_window or final)
+        self._first_window = False
         start_ms = self._slot * self.interval_ms
         doc = {
             "kind": "aggregate",
             "start": iso_utc(start_ms / 1000),
             "end": iso_utc((start_ms + self.interval_ms) / 1000),
             "samples": self.samples,
+            "first_ts": iso_utc(self.first_time),
+            "last_ts": iso_utc(self.last_time),
+            "complete": complete,
             "power_total_w": self.power_total.doc(1),
             "power_w": [s.doc(1) for s in self.power],
             "voltage_v": [s.doc(2) for s in self.voltage],

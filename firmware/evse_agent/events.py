@@ -24,6 +24,23 @@ Conditions watched:
 - ``meter_register_anomaly``: the register went backwards or jumped, until it returns or holds;
 - ``meter_replaced``: the meter's serial number changed (``notice``);
 - ``journal_damaged`` and ``state_damaged``: damage found at start (``notice``).
+
+Every event is reported when raised (``end`` None: *active*) and when it ends (*cleared*).
+An instantaneous event (``power_drop`` and every ``notice``; ``instant`` True) is
+reported active and at once cleared with ``end == start``. ``session_of()`` (set by the
+wiring) names the session open when an event is raised; the event keeps that id.
+
+Power and current are judged against the inputs that held when a reading was taken. A
+reading waits (``_pending``) until the input monitor has sampled past it by the debounce
+time and two samples more (``sampled_ms``): by then any pilot or contactor change that was
+under way while the meter was read has been accepted. An accepted input change discards
+the readings still waiting and starts a quiet time (``contactor_check_ms``, or
+``overcurrent_grace_s`` when the advertised current changed: IEC 61851 gives the vehicle
+that long to follow) in which readings are no evidence of a power drop or fluctuation; it
+also restarts the drop baseline, the fluctuation window and the overcurrent grace (which
+is itself the vehicle's time to follow, so confirmed readings count for it at once). So
+an ordinary start or stop never raises a power event, and a drop while the inputs stay as
+they are is raised once the reading after it is confirmed.
 """
 
 INFO = "info"
@@ -55,9 +72,9 @@ SEVERITY = {
 class Event:
     """One occurrence of a condition. ``end`` is None while it is active."""
 
-    __slots__ = ("number", "type", "severity", "start", "end", "values", "key", "session_id")
+    __slots__ = ("number", "type", "severity", "start", "end", "values", "key", "session_id", "instant")
 
-    def __init__(self, number, type_, start, values, key=None, session_id=None):
+    def __init__(self, number, type_, start, values, key=None, session_id=None, instant=False):
         self.number = number
         self.type = type_
         self.severity = SEVERITY[type_]
@@ -66,6 +83,7 @@ class Event:
         self.values = values
         self.key = key or type_
         self.session_id = session_id
+        self.instant = instant
 
     @property
     def active(self):
@@ -80,14 +98,24 @@ class PowerMonitor:
     seconds from ``clock.time()``; durations use ``clock.monotonic_ms()``.
     """
 
-    def __init__(self, config, phases, clock, sink, numbers):
+    def __init__(self, config, phases, clock, sink, numbers, sample_ms=20, debounce_ms=100, sampled_ms=None):
         self.config = config
         self.phases = phases
         self.clock = clock
         self.sink = sink
         self.numbers = numbers
         self.active = {}  # key -> Event
-        self.session_id = None
+        self.session_id = None  # used when ``session_of`` is not set
+        self.session_of = None  # callable: the id of the session open now, or None
+        # Input sampling: ``sampled_ms()`` is when the input monitor last sampled (None: the
+        # caller's time is taken, as for a monitor sampled regularly).
+        self.sampled_ms = sampled_ms
+        self.sample_ms = sample_ms
+        self.confirm_ms = debounce_ms + 2 * sample_ms
+        self._pending = []  # [reading, advertised_a, ended_ms, first sample after it or None]
+        self._quiet_until_ms = None  # readings begun before this follow an input change
+        self.judged = 0  # readings taken as evidence of charging power
+        self.discarded = 0  # readings an input change made no evidence
         self._last_power = None
         self._window = []  # (monotonic_ms, power_w) while charging
         self._over_since_ms = None
@@ -105,7 +133,7 @@ class PowerMonitor:
         if key in self.active:
             self.active[key].values = values
             return None
-        event = Event(self.numbers(), type_, self.clock.time(), values, key, self.session_id)
+        event = Event(self.numbers(), type_, self.clock.time(), values, key, self._session())
         self.active[key] = event
         self._report(event)
         return event
@@ -120,9 +148,14 @@ class PowerMonitor:
         self._report(event)
 
     def _once(self, type_, values):
-        event = Event(self.numbers(), type_, self.clock.time(), values, None, self.session_id)
+        """An instantaneous event: reported active, then at once cleared (end = start)."""
+        event = Event(self.numbers(), type_, self.clock.time(), values, None, self._session(), True)
+        self._report(event)
         event.end = event.start
         self._report(event)
+
+    def _session(self):
+        return self.session_of() if self.session_of is not None else self.session_id
 
     def _report(self, event):
         self.recent.append(event)
@@ -136,6 +169,7 @@ class PowerMonitor:
         """Pilot / contactor changes: E/F states and the start of contactor checks."""
         previous = self._inputs
         self._inputs = inputs
+        self._settle(previous, inputs, now_ms)
         pilot = inputs.pilot
         if pilot == "E":
             self._raise("pilot_error", {"pilot": pilot})
@@ -145,11 +179,9 @@ class PowerMonitor:
             self._raise("evse_unavailable", {"pilot": pilot})
         else:
             self._clear("evse_unavailable", {"pilot": pilot})
-        self._charging = pilot in ("C", "D") and inputs.contactor_command is not False
+        self._charging = (pilot in ("C", "D") and inputs.contactor_command is not False
+                          and inputs.contactor_feedback is not False)
         if not self._charging:
-            self._window = []
-            self._last_power = None
-            self._over_since_ms = None
             self._clear("overcurrent")
             self._clear("power_fluctuation")
         command = inputs.contactor_command
@@ -160,9 +192,24 @@ class PowerMonitor:
             self._clear("contactor_failed_to_close", {"command": command, "feedback": inputs.contactor_feedback})
         self.tick(now_ms)
 
+    def _settle(self, previous, inputs, now_ms):
+        """An accepted input change: readings still waiting may have been taken while it was
+        under way, and the vehicle and contactor need time to follow it."""
+        self.discarded += len(self._pending)
+        self._pending = []
+        self._window = []
+        self._last_power = None
+        self._over_since_ms = None
+        settle_ms = self.config["contactor_check_ms"]
+        if previous is not None and previous.advertised_a != inputs.advertised_a:
+            settle_ms = max(settle_ms, int(self.config["overcurrent_grace_s"] * 1000))
+        self._quiet_until_ms = now_ms + settle_ms
+
     def tick(self, now_ms):
-        """Time-based checks of the contactor; call when ``next_check_ms`` is due (and on
-        every input change, which ``on_inputs`` does)."""
+        """Time-based checks: waiting readings the input samples have confirmed, and the
+        contactor; call when ``next_check_ms`` is due (and on every input change, which
+        ``on_inputs`` does)."""
+        self.confirm(now_ms)
         inputs = self._inputs
         if inputs is None:
             return
@@ -189,11 +236,19 @@ class PowerMonitor:
     def next_check_ms(self):
         """When ``tick`` next has a contactor check to decide, or None until the inputs
         change: the supervisor sleeps until then instead of ticking on a fixed beat."""
+        due = None
+        for entry in self._pending:
+            # The oldest reading's confirmation, or the first sample after a newer one.
+            if entry[3] is None:
+                waiting = entry[2] + self.sample_ms
+                due = waiting if due is None or waiting < due else due
+                break
+            if due is None:
+                due = entry[3] + self.confirm_ms + 1
         inputs = self._inputs
         if inputs is None or inputs.contactor_command is None or inputs.contactor_feedback is None:
-            return None
+            return due
         check_ms = self.config["contactor_check_ms"]
-        due = None
         if self._welded_since_ms is not None and "contactor_welded" not in self.active:
             due = self._welded_since_ms + check_ms
         if (inputs.contactor_command and not inputs.contactor_feedback and self._close_commanded_ms is not None
@@ -221,8 +276,10 @@ class PowerMonitor:
 
     # -- readings --------------------------------------------------------------------
 
-    def on_reading(self, reading, advertised_a):
-        """Supply, power and current checks on one good reading."""
+    def on_reading(self, reading, advertised_a, ended_ms=None):
+        """Supply checks on one good reading at once; power and current checks once the
+        inputs are confirmed (``confirm``). ``ended_ms``: when the meter's answer was
+        complete (default: now)."""
         cfg = self.config
         volts = reading.voltage
         up = [v for v in volts if v is not None and v >= cfg["phase_loss_v"]]
@@ -241,10 +298,33 @@ class PowerMonitor:
                 self._raise("phase_loss", {"phases": lost, "voltage_v": [None if v is None else round(v, 1) for v in volts]})
             elif not lost:
                 self._clear("phase_loss", {"voltage_v": [None if v is None else round(v, 1) for v in volts]})
-        if not self._charging or reading.power_total is None:
-            return
-        self._check_power(reading.power_total, reading.monotonic_ms)
-        self._check_current(reading.current, advertised_a, reading.monotonic_ms)
+        if self._charging and reading.power_total is not None:
+            ended = self.clock.monotonic_ms() if ended_ms is None else ended_ms
+            self._pending.append([reading, advertised_a, ended, None])
+        self.confirm(self.clock.monotonic_ms())
+
+    def confirm(self, now_ms):
+        """Judge the waiting readings that the input samples taken since have confirmed."""
+        sampled = None if self.sampled_ms is None else self.sampled_ms()
+        if sampled is None:
+            sampled = now_ms  # inputs fed directly, not sampled (a simulation): now is known
+        pending = self._pending
+        for entry in pending:
+            if entry[3] is None and sampled >= entry[2]:
+                entry[3] = sampled  # no earlier than the first sample after the reading
+        while pending:
+            entry = pending[0]
+            if entry[3] is None or sampled < entry[3] + self.confirm_ms:
+                return
+            del pending[0]
+            reading = entry[0]
+            if not self._charging:
+                continue
+            # Overcurrent has its own grace for the vehicle to follow; power needs quiet inputs.
+            self._check_current(reading.current, entry[1], reading.monotonic_ms)
+            if self._quiet_until_ms is not None and reading.monotonic_ms >= self._quiet_until_ms:
+                self.judged += 1
+                self._check_power(reading.power_total, reading.monotonic_ms)
 
     def _check_power(self, power, now_ms):
         cfg = self.config

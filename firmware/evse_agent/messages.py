@@ -57,13 +57,19 @@ def _rounded(values, digits):
     return [None if v is None else round(v, digits) for v in values]
 
 
-def telemetry_doc(reading, session_energy_wh=None):
+def telemetry_doc(reading, session_energy_wh=None, stale=False, now=None):
     """The telemetry message body for one reading (``journal_seq`` is added by the outbox).
 
     ``session_energy_wh`` is the open session's energy so far (``SessionEngine.energy_so_far``),
-    for live display; null without an open session."""
+    for live display; null without an open session. ``ts`` and ``sample_ts`` are the meter
+    sample's time; ``stale`` is true when this poll cycle's read failed and the message repeats
+    the last good sample, ``age_s`` how old the sample is at ``now`` (wall seconds)."""
+    sample_ts = iso_utc(reading.time)
     return {
-        "ts": iso_utc(reading.time),
+        "ts": sample_ts,
+        "sample_ts": sample_ts,
+        "stale": stale,
+        "age_s": None if now is None else round(max(0.0, now - reading.time), 3),
         "voltage_v": _rounded(reading.voltage, 2),
         "current_a": _rounded(reading.current, 3),
         "power_w": _rounded(reading.power, 1),

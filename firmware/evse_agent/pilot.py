@@ -287,6 +287,7 @@ class InputMonitor:
         self.ambiguous = 0
         self.read_errors = 0
         self.changes = 0
+        self.sampled_ms = None  # when the last sample was taken (and, once another task runs, decided)
 
     def current(self):
         """The last accepted inputs (a copy)."""
@@ -313,6 +314,7 @@ class InputMonitor:
     def poll(self, now_ms):
         """Take one sample at ``now_ms``; True when it produced an accepted change."""
         self.samples += 1
+        self.sampled_ms = now_ms
         try:
             sample = self.pins.read()
         except Exception as error:  # a broken bank must not stop the monitor

@@ -28,6 +28,11 @@ anchor and that first reading is not billed but stated as ``uncertain_wh`` (an u
 from the largest power measured around it). The record's ``register_delta_wh`` (signed end
 minus begin) equals ``energy_wh`` unless a flag says why not. Readings without a valid
 register (the meter module rejects NaN, negative and absurd values) are never used for energy.
+
+A begin still wanted while current flows (the car was charging when the agent started:
+``plugged_in_before_start``; or it began charging before an exact reading came) is taken
+from the first good reading and flagged ``begin_while_charging``; the meter keeps its
+normal cadence meanwhile.
 """
 
 from . import log
@@ -339,8 +344,8 @@ class SessionEngine:
         if self._exact_now(self.good):
             self._resolve_pending(session, self.good)
             return
-        if not self.meter.link.online:
-            session.flag(which + "_delayed")
+        if not self.meter.link.online and getattr(self.meter.link, "cycles", 1):
+            session.flag(which + "_delayed")  # offline (not merely before the first poll answered)
         self.request_reading()
         self._save(session)
 
@@ -349,10 +354,14 @@ class SessionEngine:
         if which is None or reading.energy_wh is None:
             return
         if not self._exact_now(reading) and not self._acceptable_late(session, reading):
-            self.request_reading()
-            return
+            if self.inputs is None or not self._current_can_flow(self.inputs):
+                self.request_reading()  # the next reading will be exact: ask for it now
+            return  # current flows: the poll's own cadence brings the next readings
         session.pending = None
-        record = _reading_record(reading, self.clock.synced(), [f for f in session.flags if f == which + "_delayed"])
+        flags = [f for f in session.flags if f == which + "_delayed"]
+        if which == "begin" and "begin_while_charging" in session.flags:
+            flags.append("begin_while_charging")
+        record = _reading_record(reading, self.clock.synced(), flags)
         if which == "begin":
             self._begin_segment(session, record, tx_status="G")
             self._save(session)
@@ -367,10 +376,17 @@ class SessionEngine:
             self._finish(session)
 
     def _acceptable_late(self, session, reading):
-        """Without contactor information or after an outage, the next good reading is taken."""
+        """Without contactor information or after an outage, the next good reading is taken;
+        so is the first good one when the begin is still wanted while current flows (the car
+        was charging when the agent started, or began before an exact reading came): no
+        exact one can come before the car stops, and waiting would bill nothing of this charge."""
         if session.pending + "_delayed" in session.flags:
             return True
         inputs = self.inputs
+        if (session.pending == "begin" and not session.segments
+                and inputs is not None and self._current_can_flow(inputs)):
+            session.flag("begin_while_charging")
+            return True
         return inputs is not None and inputs.contactor_feedback is None and inputs.contactor_command is None \
             and inputs.pilot not in ("C", "D")
 
@@ -580,11 +596,24 @@ class SessionEngine:
     def _publish_session(self, session, event):
         self.publish("session", self.record(session, event))
 
+    def open_session_id(self):
+        """The session an event raised now belongs to: the plugged-in one, else the last
+        unplugged one still waiting for its end record; None between sessions."""
+        if self.session is not None:
+            return self.session.id
+        return self.ending[-1].id if self.ending else None
+
     def note_event(self, event):
-        """Attach a raised power/safety event to the open session."""
-        session = self.session
-        if session is not None and event.end is None:
-            session.events.append({"number": event.number, "type": event.type, "severity": event.severity})
+        """List a raised power/safety event (instant ones too) in the session it names, so
+        the end record lists every event raised while the session was open."""
+        if event.end is not None or event.session_id is None:
+            return
+        for session in [self.session] + self.ending:
+            if session is not None and session.id == event.session_id:
+                session.events.append({"number": event.number, "type": event.type, "severity": event.severity,
+                                       "instant": bool(getattr(event, "instant", False))})
+                self._save(session)
+                return
 
     def energy_so_far(self):
         """Energy of the open session up to the latest reading, integer Wh: its closed
@@ -616,4 +645,6 @@ class SessionEngine:
         }
 
     def _publish_state(self):
+        if not getattr(self.meter.link, "cycles", 1):
+            return  # the first poll cycle has not yet told whether the meter answers
         self.publish("state", self.state_doc())
