@@ -19,7 +19,10 @@ Conditions watched:
 - ``pilot_error`` (state E) and ``evse_unavailable`` (state F);
 - ``meter_offline``: the meter link is declared offline;
 - ``journal_full`` and ``disk_error``: alarms of the journal (``alarm``);
-- ``console_unlock_failed``: a wrong PIN on the technician console (``notice``).
+- ``console_unlock_failed``: a wrong PIN on the technician console (``notice``);
+- ``agent_fault``: the session engine ran out of memory or met a disk error handling an
+  input change or a reading (``alarm``; its work, e.g. a session's end record, is retried at
+  each reading and the alarm clears when that succeeds).
 """
 
 INFO = "info"
@@ -40,6 +43,7 @@ SEVERITY = {
     "journal_full": CRITICAL,
     "disk_error": CRITICAL,
     "console_unlock_failed": WARNING,
+    "agent_fault": CRITICAL,
 }
 
 
