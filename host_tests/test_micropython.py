@@ -5,8 +5,8 @@ CPython, line for line.
   deployed — mpy-cross output packed into a ROMFS image with ``mpremote romfs build`` and
   mounted with ``vfs.VfsRom`` — at a fixed heap: the image plus ``HEAP_WORDS[name]`` words
   (``-X heapsize``; past it ``MemoryError``, exit 1). The budgets were set from measurement
-  (``python -m evse_tools.mpy_unix --smallest``, also in ``make bench``) with about 20 %
-  margin, so a memory regression fails here.
+  (``python -m evse_tools.mpy_unix --words 60000 --smallest NAME``, to 937 words; the session
+  figures also in ``make bench``) with about 20 % margin, so a memory regression fails here.
 - The WebAssembly port (npm, run by Node: tools/mpy_run.mjs) is the 32-bit build: the same
   .mpy core, and the session scenario's data must fit the 64 KiB budget there (bytes and
   strings take twice the words on 32 bits that they take on 64, so the unix port's word
@@ -47,15 +47,15 @@ NAMES = ("modbus", "registers", "ocmf", "journal", "session", "console", "p256",
 HEAP_BUDGET = 64 * 1024
 # Heap beyond the ROMFS image, in words, per scenario under the unix port (see the docstring).
 HEAP_WORDS = {
-    "modbus": 9 * 1024,
-    "registers": 13 * 1024,
-    "ocmf": 13 * 1024,
-    "journal": 15 * 1024,
-    "session": 36 * 1024,
-    "console": 22 * 1024,
-    "p256": 8 * 1024,
-    "ha_discovery": 19 * 1024,
-    "lost_end": 40 * 1024,
+    "modbus": 9 * 1024,  # smallest measured: 7,500
+    "registers": 12 * 1024,  # 10,312
+    "ocmf": 12 * 1024,  # 10,312
+    "journal": 15 * 1024,  # 12,656
+    "session": 32 * 1024,  # 27,187
+    "console": 7 * 1024,  # 5,625
+    "p256": 7 * 1024,  # 5,625
+    "ha_discovery": 17 * 1024,  # 14,062
+    "lost_end": 37 * 1024,  # 30,937
 }
 STATION_KEY = 0x3A1F5C7E9B2D4F6081A3C5E7092B4D6F8A1C3E5079B2D4F6183A5C7E9B0D2F41  # fakes.py
 

@@ -7,8 +7,10 @@ Steps (each one mpremote command; ``--dry-run`` prints them instead):
 1. compile the core and the MicroPython port to .mpy (mpy-cross, ``tools/mpy_build.py``) and
    pack them into a ROMFS image (``mpremote romfs build``);
 2. take the board (mpremote's raw-REPL entry stops a running agent: see below), make
-   ``/lib`` and ``/data`` and remove ``/main.py``, so a watchdog reset in the middle of the
-   deployment comes back to the REPL, not to the old agent;
+   ``/lib`` and ``/data``, remove ``/main.py`` (a reset in the middle of the deployment comes
+   back to the REPL, not to the old agent) and set the watchdog the agent started, which
+   nothing feeds any more, to an hour (on the ESP32 ``machine.WDT`` can be reconfigured, not
+   stopped; the final reset ends it);
 3. put the code in flash: ``mpremote romfs deploy`` where the board has a ROMFS partition
    (MicroPython 1.25 or later; the code runs in place from flash, mounted at ``/rom``),
    else copy the .mpy files to ``:/lib/evse_agent`` (``--layout`` chooses; ``auto`` asks the
@@ -36,8 +38,10 @@ from .mpy_build import build_romfs, compile_core
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_PY = "import evse_agent.ports.micropython.main as agent\nagent.main()\n"
 DEPENDENCIES = ("umqtt.simple", "ntptime")
+# Make /lib and /data; remove /main.py; give a running watchdog an hour (the final reset ends it).
 PREPARE = ("import os\nfor d in ('/lib', '/data'):\n try:\n  os.mkdir(d)\n except OSError:\n  pass\n"
-           "try:\n os.remove('/main.py')\nexcept OSError:\n pass")
+           "try:\n os.remove('/main.py')\nexcept OSError:\n pass\n"
+           "try:\n import machine\n machine.WDT(timeout=3600000)\nexcept (ImportError, AttributeError, ValueError):\n pass")
 # Prints True when the board has a ROMFS partition to deploy to.
 HAS_ROMFS = "import vfs\nprint(hasattr(vfs, 'rom_ioctl') and vfs.rom_ioctl(1) > 0)"
 
