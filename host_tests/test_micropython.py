@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from evse_agent.ocmf import parse_document
 from evse_agent.ports import p256
 from evse_tools import mpy_unix
-from evse_tools.mpy_build import compile_core, core_sources
+from evse_tools.mpy_build import compile_core, core_sources, mpremote_command
 from evse_tools.pty_link import PtyLink
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -409,7 +409,7 @@ def test_mpremote_takes_the_board_back_from_the_console(image, tmp_path):
             _read_until(port, b"mpy-003> ")
             port.write(b"pilot\r")
             assert b"contactor" in _read_until(port, b"mpy-003> ")
-        taken = subprocess.run(mpy_unix.mpremote_command() + [
+        taken = subprocess.run(mpremote_command() + [
             "connect", link.device_b, "resume", "exec", "import sys; print(sys.implementation.name, 6 * 7)"],
             capture_output=True, text=True, timeout=60)
         assert taken.returncode == 0, taken.stdout + taken.stderr

@@ -415,12 +415,16 @@ class SessionEngine:
         ``ending`` and on file, its end reading taken: the next reading, or the restart,
         journals the record again."""
         owns_file = self.session is None  # else the file holds a newer session
-        if session not in self.ending:
-            self.ending.append(session)
-        if owns_file:
-            self._save(session)  # its end reading is taken: a restart takes no other
-        self._publish_session(session, "end")
-        self.ending.remove(session)
+        try:
+            self._publish_session(session, "end")
+        except Exception:
+            if session not in self.ending:
+                self.ending.append(session)
+            if owns_file:
+                self._save(session)  # its end reading is taken: a restart takes no other
+            raise
+        if session in self.ending:
+            self.ending.remove(session)
         if owns_file:
             self.store.clear_open_session()
         self.completed += 1

@@ -8,10 +8,13 @@ image is read into one buffer allocated first, mounted with ``vfs.VfsRom`` at ``
 imported from there (bytecode runs in place). What the scenario may use beyond the image is
 the heap size minus the image. At the end one line goes to stderr::
 
-    mpy-heap {"peak_words": N, "image_bytes": B, "word_bytes": W, ...}
+    mpy-heap {"allocated_words": N, "loaded_words": L, "after_words": A, "image_bytes": B, "word_bytes": W}
 
-``peak_words`` is ``micropython.mem_peak()`` minus the image, in machine words: the same
-number of words fits a 32-bit board's heap (pointer-sized objects scale with the word).
+in machine words, beyond the image: ``loaded_words`` in use once the scenario's code was
+imported (``harness.mark_loaded``), ``after_words`` in use at the end, ``allocated_words``
+from ``micropython.mem_peak()`` — on this port a count of every byte allocated, never
+lowered by garbage collection, so allocation churn rather than a heap size. The heap a
+scenario needs is found by running it at a fixed heap (``tools/mpy_unix.py --smallest``).
 """
 
 import gc
@@ -47,7 +50,7 @@ def main():
     module = __import__(name[:-3] if name.endswith(".py") else name)
     harness.run(module.main, report=False)
     gc.collect()
-    sys.stderr.write('mpy-heap {"peak_words": %d, "image_bytes": %d, "word_bytes": %d, "after_words": %d,'
+    sys.stderr.write('mpy-heap {"allocated_words": %d, "image_bytes": %d, "word_bytes": %d, "after_words": %d,'
                      ' "loaded_words": %d}\n'
                      % ((micropython.mem_peak() - len(image)) // WORD, len(image), WORD,
                         (gc.mem_alloc() - len(image)) // WORD, harness.loaded_words(len(image), WORD)))
