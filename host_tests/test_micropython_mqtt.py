@@ -21,6 +21,7 @@ import pytest
 
 from evse_tools.mpy_agent import BOARD_DIR, CODE_DIR, micropython_command
 from evse_tools.subscriber import Collector
+from test_mqtt_security import secure_broker  # noqa: F401  (fixture: mosquitto with TLS and logins)
 
 PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpy_mqtt", "mqtt_probe.py")
 HEAP = "256wK"
@@ -251,3 +252,18 @@ def test_esp32_socket_black_holed_broker_never_blocks_the_loop(fake_broker):
     assert summary["esp32_sockets"] >= 3 and summary["blocking_calls"] == 0, output
     assert summary["acked"] == 2 and summary["connects"] == 1, output
     assert summary["heartbeats"] >= 100
+
+
+def test_tls_and_login_against_mosquitto(secure_broker):  # noqa: F811
+    """The board's TLS settings: the broker's certificate checked against the CA file, a
+    login; a wrong password is a refused CONNACK, retried, never a dead client."""
+    broker = secure_broker
+    tls = {"enabled": True, "ca_file": broker.ca_file}
+    summary, output = run_probe({"port": broker.port, "count": 10, "window": 5, "tls": tls,
+                                 "username": "station-7", "password": "s3cret", "run_s": 60})
+    assert summary["acked"] == 10 and summary["connects"] == 1, output
+    summary, output = run_probe({"port": broker.port, "count": 1, "tls": tls, "username": "station-7",
+                                 "password": "wrong", "run_s": 3})
+    assert summary["connects"] == 0 and summary["acked"] == 0, output
+    assert "connect refused: not authorised" in summary["last_error"] or \
+        "bad user name or password" in summary["last_error"], output

@@ -63,10 +63,13 @@ class Esp32Socket(io.IOBase):
 
 async def main(options):
     log.set_sink(lambda level, text: print("log", text))
+    tls = {"enabled": False, "ca_file": None, "cert_file": None, "key_file": None, "insecure": False}
+    tls.update(options.get("tls", {}))
     config = {"host": options.get("host", "127.0.0.1"), "port": options["port"], "client_id": "probe",
-              "username": None, "password": None, "keepalive_s": options.get("keepalive", 5),
+              "username": options.get("username"), "password": options.get("password"),
+              "keepalive_s": options.get("keepalive", 5),
               "reconnect_min_s": options.get("min", 0.2), "reconnect_max_s": options.get("max", 1.0),
-              "tls": {"enabled": False, "ca_file": None, "cert_file": None, "key_file": None, "insecure": False}}
+              "tls": tls}
     clock = MicroClock("always")
     client = MqttPublisher(config, "probe/status", clock)
     sockets = []

@@ -116,6 +116,17 @@ def connect_packet(client_id, keepalive_s, will_topic, will_message, username=No
     return bytes((0x10,)) + _length_bytes(size) + variable + body
 
 
+def _der(path):
+    """The first PEM block of ``path`` as DER (mbedtls takes PEM only NUL-terminated)."""
+    import binascii
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if b"-----BEGIN" not in data:
+        return data
+    body = data.split(b"-----BEGIN", 1)[1].split(b"-----END", 1)[0]
+    return binascii.a2b_base64(b"".join(body.split(b"\n")[1:]))
+
+
 def _with_pid(kind, pid, body=b""):
     return bytes((kind, 2 + len(body), pid >> 8, pid & 0xFF)) + body
 
@@ -355,9 +366,9 @@ class MqttPublisher:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.verify_mode = ssl.CERT_NONE if tls["insecure"] else ssl.CERT_REQUIRED
             if tls["ca_file"]:
-                context.load_verify_locations(cafile=tls["ca_file"])
+                context.load_verify_locations(cadata=_der(tls["ca_file"]))
             if tls["cert_file"] and tls["key_file"]:
-                context.load_cert_chain(tls["cert_file"], tls["key_file"])
+                context.load_cert_chain(_der(tls["cert_file"]), _der(tls["key_file"]))
             sock = context.wrap_socket(sock, server_hostname=config["host"], do_handshake_on_connect=False)
             sock.setblocking(False)
         return asyncio.StreamReader(sock)  # MicroPython: one Stream reads and writes
