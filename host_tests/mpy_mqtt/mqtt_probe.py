@@ -113,13 +113,13 @@ async def main(options):
             first_connect_ms = time.ticks_diff(time.ticks_ms(), started)
         for token in client.drain_acked():
             if token in tokens:
-                latencies.append(time.ticks_diff(time.ticks_ms(), tokens.pop(token)))
+                latencies.append(time.ticks_diff(time.ticks_us(), tokens.pop(token)))
                 acked += 1
         while sent < count and len(tokens) < window:
             token = client.publish(options.get("topic", "probe/data"), ("%d " % sent).encode() + payload, 1, False)
             if token is None:
                 break
-            tokens[token] = time.ticks_ms()
+            tokens[token] = time.ticks_us()
             sent += 1
         most_inflight = max(most_inflight, len(tokens))
         if acked == count and (not options.get("subscribe") or received) and \
@@ -136,7 +136,7 @@ async def main(options):
                "most_inflight": most_inflight, "last_error": client.last_error, "received": [bytes(m).decode() for m in received],
                "max_stall_ms": stall[0], "heartbeats": stall[1], "elapsed_ms": elapsed,
                "first_connect_ms": first_connect_ms,
-               "ack_ms_p50": latencies[len(latencies) // 2] if latencies else None,
+               "ack_us_p50": latencies[len(latencies) // 2] if latencies else None,
                "blocking_calls": sum(s.blocking_calls for s in sockets), "esp32_sockets": len(sockets)}
     client.stop()
     beat.cancel()
