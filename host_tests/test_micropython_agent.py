@@ -13,6 +13,7 @@ and the watchdog never expires.
 
 import os
 import random
+import signal
 import threading
 import time
 
@@ -312,5 +313,28 @@ def test_agent_killed_and_restarted_mid_session(broker, micro_station):
         end = assert_checked_session(station, register_at_plug, register_at_end)
         assert end["session_id"] == begin["session_id"]
         assert "agent_restarted" in end["flags"]
+    finally:
+        collector.close()
+
+
+def test_a_stalled_agent_is_reset_by_the_watchdog(broker, micro_station):
+    """The host board's watchdog is enforced: an agent that stops (SIGSTOP: nothing runs,
+    nothing feeds) is killed once the feed is ``micropython.watchdog_s`` late, as a board
+    would be reset; one that runs is never."""
+    consumer = TimedConsumer()
+    collector = Collector(broker.host, broker.port, "evse/#", on_message=consumer)
+    try:
+        station = micro_station(broker, consumer, {"micropython.watchdog_s": 2})
+        agent = station.agent
+        assert wait_for(lambda: os.path.exists(agent.wdt_file), 20), station.tail()
+        assert not agent.watchdog_expired
+        agent.process.send_signal(signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: not agent.alive(), 30), "the watchdog did not fire"
+        finally:
+            if agent.alive():
+                agent.process.send_signal(signal.SIGCONT)
+        assert agent.watchdog_expired
+        assert "watchdog expired" in agent.lines[-1]
     finally:
         collector.close()

@@ -23,6 +23,8 @@ a deadline. Two layers in one module: packet encoding/decoding (functions) and t
 - On connect: clean session, last will ``offline`` (retained, QoS 1), then ``online``
   (retained, QoS 1), the subscriptions again, then what was in flight.
 - TLS when the board asks (``mqtt.tls``): ``ssl.SSLContext``, handshake without blocking.
+- The broker's name is looked up with ``socket.getaddrinfo``, which waits for the resolver
+  (as ``asyncio.open_connection`` does): give ``mqtt.host`` as an address on a board.
 
 ``subscribe`` takes the few topics the core listens to (Home Assistant's birth message);
 callbacks run in the reader task and only hand the message over. ``round_trip`` serves the
@@ -396,7 +398,11 @@ class MqttPublisher:
         self._down.clear()
         self._out.clear()
         stream = self._stream = self._open()
-        await asyncio.wait_for(self._handshake(stream), CONNECT_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(self._handshake(stream), CONNECT_TIMEOUT_S)
+        except BaseException:  # a failed or cancelled connect leaves no socket behind
+            self._close()
+            raise
         reader = asyncio.create_task(self._guard(self._reader(stream)))
         writer = asyncio.create_task(self._guard(self._writer(stream)))
         self._ping_sent_ms = None
