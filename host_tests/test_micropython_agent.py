@@ -326,7 +326,7 @@ def test_a_stalled_agent_is_reset_by_the_watchdog(broker, micro_station):
     try:
         station = micro_station(broker, consumer, {"micropython.watchdog_s": 2})
         agent = station.agent
-        assert wait_for(lambda: os.path.exists(agent.wdt_file), 20), station.tail()
+        assert wait_for(lambda: os.path.getsize(agent.wdt_file), 20), station.tail()  # first feed
         assert not agent.watchdog_expired
         agent.process.send_signal(signal.SIGSTOP)
         try:

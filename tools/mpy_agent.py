@@ -56,7 +56,8 @@ class MicroAgent:
     def __init__(self, board, uart_device, pin_file, heap=None, code_dir=CODE_DIR, cwd=None, extra_env=None):
         with open(board) as handle:
             uart_id = json.load(handle).get("micropython", {}).get("uart_id", 2)
-        self.wdt_file = tempfile.mktemp(prefix="evse-wdt-")
+        handle, self.wdt_file = tempfile.mkstemp(prefix="evse-wdt-")  # empty until the first feed
+        os.close(handle)
         env = dict(os.environ)
         env.update({
             "MICROPYPATH": os.pathsep.join([BOARD_DIR, code_dir, ".frozen"]),

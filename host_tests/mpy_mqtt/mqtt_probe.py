@@ -35,7 +35,9 @@ class Esp32Socket(io.IOBase):
     def setblocking(self, flag):
         if flag:
             self.blocking_calls += 1
-        self.sock.setblocking(flag)  # the unix port keeps no timeout either after this
+            self.sock.settimeout(None)  # blocking, and no timeout left: as on the ESP32
+        else:
+            self.sock.setblocking(False)
 
     def ioctl(self, request, arg):
         if request == 10:  # MP_STREAM_GET_FILENO: poll the real descriptor
