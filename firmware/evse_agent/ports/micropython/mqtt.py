@@ -129,6 +129,12 @@ def _der(path):
     return binascii.a2b_base64(b"".join(body.split(b"\n")[1:]))
 
 
+def _writable(sock):
+    """Wait until ``sock`` can be written, as ``asyncio.open_connection`` does after connect."""
+    from asyncio import core
+    yield core._io_queue.queue_write(sock)
+
+
 def _with_pid(kind, pid, body=b""):
     return bytes((kind, 2 + len(body), pid >> 8, pid & 0xFF)) + body
 
@@ -377,6 +383,7 @@ class MqttPublisher:
 
     async def _handshake(self, stream):
         config = self.config
+        await _writable(stream.s)  # the TCP connect finished (lwIP refuses writes before)
         client_id = config["client_id"]
         if not client_id:
             import binascii
