@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 BOARD_DIR = os.path.join(ROOT, "tools", "unix_board")
 CODE_DIR = os.path.join(ROOT, "firmware")
 TEMPLATE = os.path.join(ROOT, "boards", "mpy-unix-sim.json")
