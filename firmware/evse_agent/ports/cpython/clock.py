@@ -1,7 +1,6 @@
 """System clock for the core: monotonic milliseconds, wall time, and whether it is synchronised."""
 
 import ctypes
-import ctypes.util
 import time
 
 _TIME_ERROR = 5  # adjtimex() result when the kernel clock is not synchronised
@@ -13,12 +12,23 @@ class _Timex(ctypes.Structure):
     _fields_ = [("modes", ctypes.c_uint), ("_rest", ctypes.c_byte * 512)]
 
 
+_libc = []  # the C library, opened once
+
+
+def _adjtimex():
+    """libc's adjtimex, from the symbols already loaded into this process (CPython links the
+    C library): no search of the library path, which would start a child process each time."""
+    if not _libc:
+        _libc.append(ctypes.CDLL(None, use_errno=True))
+    return _libc[0].adjtimex
+
+
 def kernel_clock_synchronised():
     """True when the kernel says the clock is synchronised (NTP/PTP discipline active)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        adjtimex = _adjtimex()
         timex = _Timex()
-        state = libc.adjtimex(ctypes.byref(timex))
+        state = adjtimex(ctypes.byref(timex))
     except (OSError, AttributeError):
         return False
     return state not in (-1, _TIME_ERROR)
