@@ -2,6 +2,9 @@
 
     micropython -X heapsize=BYTES romboot.py IMAGE SCRIPT [args...]
 
+SCRIPT is a scenario (``harness.run``), or a program that runs when imported, with
+``sys.argv`` = [SCRIPT, args...] (``tools/unix_board/run_agent.py``: the port's agent).
+
 IMAGE is a ROMFS image of the compiled core (``mpremote romfs build``; tools/mpy_build.py
 ``build_romfs``). A board maps its ROMFS partition from flash; this port has none, so the
 image is read into one buffer allocated first, mounted with ``vfs.VfsRom`` at ``/rom`` and
@@ -45,9 +48,16 @@ def main():
     slash = script.rfind("/")
     folder, name = (script[:slash], script[slash + 1:]) if slash >= 0 else (".", script)
     sys.path[:] = [folder, "/rom", ".frozen"]
-    import harness
-    harness.ARGV = sys.argv[2:]
+    try:
+        import harness
+    except ImportError:  # not a scenario: a program that runs on import (the host board's agent)
+        harness = None
+    else:
+        harness.ARGV = sys.argv[2:]
+    sys.argv[:] = sys.argv[2:]
     module = __import__(name[:-3] if name.endswith(".py") else name)
+    if harness is None:
+        return
     harness.run(module.main, report=False)
     gc.collect()
     sys.stderr.write('mpy-heap {"allocated_words": %d, "image_bytes": %d, "word_bytes": %d, "after_words": %d,'
