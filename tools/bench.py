@@ -24,6 +24,9 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
   and the heap in use once the code is loaded, against the 110 K words an ESP32 without
   PSRAM leaves to MicroPython; the P-256 signing time there against the same pure-Python
   signer and ``cryptography`` under CPython;
+- MicroPython MQTT client (the port's, under the unix port): QoS 1 publish -> PUBACK p50 one
+  message at a time and throughput with 16 in flight, against paho-mqtt on CPython on the same
+  mosquitto (``bench_mqtt``);
 - MicroPython, WebAssembly port (32-bit like an ESP32): the session scenario's
   ``gc.mem_alloc()`` peak after each step, less the loaded code, against the 64 KiB budget;
 - fleet: 10, 100 and 500 simulated stations against one mosquitto (``fleet_sim``):
@@ -324,6 +327,19 @@ def bench_micropython_unix(workdir, quick=False):
     return figures
 
 
+def bench_micropython_mqtt(broker, count):
+    """The port's MQTT client beside paho-mqtt: PUBACK time one at a time, and throughput."""
+    from .bench_mqtt import micropython_run, paho_run
+    figures = {"count": count}
+    try:
+        for window in (16, 1):
+            figures["window_%d" % window] = {"micropython": micropython_run(broker.port, count, window),
+                                              "paho": paho_run(broker.port, count, window)}
+    except (RuntimeError, ValueError, IndexError, subprocess.SubprocessError) as error:
+        figures["error"] = str(error)
+    return figures
+
+
 def _cpython_sign_ms(count=20):
     """Milliseconds per signature under CPython: the same pure-Python signer, and cryptography."""
     from cryptography.hazmat.primitives import hashes
@@ -414,6 +430,18 @@ def _table(results):
             lines.append(_row("P-256 sign, CPython cryptography", "%.3f ms" % cpython["cryptography_sign_ms"]))
     elif unix:
         lines.append(_row("MicroPython unix port", unix.get("error", "")))
+    mqtt = results.get("micropython_mqtt") or {}
+    if "window_1" in mqtt:
+        one, many = mqtt["window_1"], mqtt["window_16"]
+        lines.append(_row("MicroPython MQTT: publish -> PUBACK p50, one at a time",
+                          "%.2f ms" % (one["micropython"]["ack_us_p50"] / 1000),
+                          "%.2f ms paho" % (one["paho"]["ack_us_p50"] / 1000),
+                          one["micropython"]["ack_us_p50"] / one["paho"]["ack_us_p50"]))
+        lines.append(_row("MicroPython MQTT: QoS 1 msg/s, 16 in flight", "%.0f" % many["micropython"]["msg_per_s"],
+                          "%.0f paho" % many["paho"]["msg_per_s"],
+                          many["micropython"]["msg_per_s"] / many["paho"]["msg_per_s"]))
+    elif mqtt:
+        lines.append(_row("MicroPython MQTT client", mqtt.get("error", "")))
     micro = results.get("micropython") or {}
     if "data_peak_bytes" in micro:
         lines.append(_row("MicroPython heap peak, session data (mem_alloc)", "%d B" % micro["data_peak_bytes"],
@@ -448,6 +476,7 @@ def main(argv=None):
             results["latency"] = latency_figures(broker, workdir, plugs=50 if args.quick else 150)
             results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
             results["cpu"] = cpu_figures(broker, os.path.join(workdir, "cpu"), window_s=cpu_window)
+            results["micropython_mqtt"] = bench_micropython_mqtt(broker, 500 if args.quick else 2000)
         results["flash_wear"] = bench_flash_wear(workdir)
         results["micropython"] = bench_micropython(workdir)
         results["micropython_unix"] = bench_micropython_unix(workdir, args.quick)
