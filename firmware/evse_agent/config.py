@@ -134,152 +134,164 @@ def _pin_hash(value):
         return "has a hash that is not 64 lower-case hex digits"
     return None
 
-SCHEMA = {
-    "description": Field(str, "", help="free text for people reading the file"),
-    "station_id": Field(str, check=_topic_level, help="station id, used in MQTT topics"),
-    "meter": {
-        "model": Field(str, choices=tuple(sorted(MODELS)), help="meter register map"),
-        "unit_id": Field(int, 1, minimum=1, maximum=247, help="Modbus unit (slave) id"),
-        "port": Field(str, help="serial device of the RS-485 line"),
-        "baudrate": Field(int, 9600, choices=_BAUDRATES),
-        "parity": Field(str, "N", choices=("N", "E", "O")),
-        "stopbits": Field(int, 1, choices=(1, 2)),
-        "timeout_ms": Field(int, 500, minimum=20, maximum=5000, help="response timeout"),
-        "retries": Field(int, 2, minimum=0, maximum=10, help="retries after a failed request"),
-        "poll_interval_s": Field(float, 1.0, minimum=0.1, maximum=3600),
-        "offline_after": Field(int, 3, minimum=1, maximum=100,
-                               help="failed cycles in a row before the meter is reported offline"),
-    },
-    "io": {
-        "driver": Field(str, "sim", choices=("sim", "gpiod"),
-                        help="sim: pin bank file written by tools/vehicle_sim; gpiod: Linux GPIO"),
-        "sim_file": Field(str, "run/pins.json", help="pin bank file of the sim driver"),
-        "chip": Field(str, "/dev/gpiochip0", help="GPIO chip of the gpiod driver"),
-        "pilot": {
-            "source": Field(str, "adc", choices=("adc", "lines"),
-                            help="adc: pilot voltage; lines: comparator outputs of a pilot decoder"),
-            "adc_path": Field(str, None, nullable=True,
-                              help="IIO raw value file of the pilot ADC (gpiod driver)"),
-            "adc_scale": Field(float, 1.0, check=_not_zero,
-                               help="pilot volts = raw * adc_scale + adc_offset"),
-            "adc_offset": Field(float, 0.0),
-            "lines": Field(list, None, nullable=True, check=_gpio_lines(5),
-                           help="comparator lines, high when the pilot is below "
-                                "10.5, 7.5, 4.5, 1.5 and -10.5 V"),
-            "pwm_line": Field(int, None, nullable=True, minimum=0,
-                              help="line carrying the pilot PWM, if the board can measure its duty"),
-            "sample_ms": Field(int, 20, minimum=5, maximum=1000),
-            "debounce_ms": Field(int, 100, minimum=0, maximum=5000,
-                                 help="a pilot state must hold this long to count"),
+
+def schema():
+    """The board file's schema: nested sections of ``Field`` by name, built afresh on each
+    call. Not kept at module level: on a microcontroller its ~150 objects would hold heap for
+    as long as the agent runs, while it is needed only to validate the board file at start
+    and by the console's ``config`` commands (``config.SCHEMA`` builds it too)."""
+    return {
+        "description": Field(str, "", help="free text for people reading the file"),
+        "station_id": Field(str, check=_topic_level, help="station id, used in MQTT topics"),
+        "meter": {
+            "model": Field(str, choices=tuple(sorted(MODELS)), help="meter register map"),
+            "unit_id": Field(int, 1, minimum=1, maximum=247, help="Modbus unit (slave) id"),
+            "port": Field(str, help="serial device of the RS-485 line"),
+            "baudrate": Field(int, 9600, choices=_BAUDRATES),
+            "parity": Field(str, "N", choices=("N", "E", "O")),
+            "stopbits": Field(int, 1, choices=(1, 2)),
+            "timeout_ms": Field(int, 500, minimum=20, maximum=5000, help="response timeout"),
+            "retries": Field(int, 2, minimum=0, maximum=10, help="retries after a failed request"),
+            "poll_interval_s": Field(float, 1.0, minimum=0.1, maximum=3600),
+            "offline_after": Field(int, 3, minimum=1, maximum=100,
+                                   help="failed cycles in a row before the meter is reported offline"),
         },
-        "contactor": {
-            "command_line": Field(int, None, nullable=True, minimum=0),
-            "feedback_line": Field(int, None, nullable=True, minimum=0),
-            "active_low": Field(bool, False),
+        "io": {
+            "driver": Field(str, "sim", choices=("sim", "gpiod"),
+                            help="sim: pin bank file written by tools/vehicle_sim; gpiod: Linux GPIO"),
+            "sim_file": Field(str, "run/pins.json", help="pin bank file of the sim driver"),
+            "chip": Field(str, "/dev/gpiochip0", help="GPIO chip of the gpiod driver"),
+            "pilot": {
+                "source": Field(str, "adc", choices=("adc", "lines"),
+                                help="adc: pilot voltage; lines: comparator outputs of a pilot decoder"),
+                "adc_path": Field(str, None, nullable=True,
+                                  help="IIO raw value file of the pilot ADC (gpiod driver)"),
+                "adc_scale": Field(float, 1.0, check=_not_zero,
+                                   help="pilot volts = raw * adc_scale + adc_offset"),
+                "adc_offset": Field(float, 0.0),
+                "lines": Field(list, None, nullable=True, check=_gpio_lines(5),
+                               help="comparator lines, high when the pilot is below "
+                                    "10.5, 7.5, 4.5, 1.5 and -10.5 V"),
+                "pwm_line": Field(int, None, nullable=True, minimum=0,
+                                  help="line carrying the pilot PWM, if the board can measure its duty"),
+                "sample_ms": Field(int, 20, minimum=5, maximum=1000),
+                "debounce_ms": Field(int, 100, minimum=0, maximum=5000,
+                                     help="a pilot state must hold this long to count"),
+            },
+            "contactor": {
+                "command_line": Field(int, None, nullable=True, minimum=0),
+                "feedback_line": Field(int, None, nullable=True, minimum=0),
+                "active_low": Field(bool, False),
+            },
         },
-    },
-    "session": {
-        "begin_at": Field(str, "plugin", choices=("plugin", "charge"),
-                          help="take the begin reading at plug-in or at the first charge"),
-        "fiscal_interval_s": Field(float, 0.0, minimum=0, maximum=86400,
-                                   help="signed intermediate readings; 0 = off"),
-        "state_dir": Field(str, "run/state", help="durable state: open session, counters"),
-    },
-    "events": {
-        "voltage_min_v": Field(float, 207.0, minimum=0, maximum=1000,
-                               help="supply voltage band (230 V -10 %)"),
-        "voltage_max_v": Field(float, 253.0, minimum=0, maximum=1000, help="(230 V +10 %)"),
-        "phase_loss_v": Field(float, 100.0, minimum=0, maximum=1000,
-                              help="a phase below this while others are up is lost"),
-        "power_drop_pct": Field(float, 50.0, minimum=1, maximum=100,
-                                help="drop of charging power within one poll"),
-        "fluctuation_pct": Field(float, 25.0, minimum=1, maximum=100,
-                                 help="power swing (max-min) over the fluctuation window"),
-        "fluctuation_window_s": Field(float, 10.0, minimum=1, maximum=600),
-        "overcurrent_pct": Field(float, 10.0, minimum=0, maximum=100,
-                                 help="tolerance above the advertised current"),
-        "overcurrent_grace_s": Field(float, 5.0, minimum=0, maximum=60,
-                                     help="time a vehicle has to follow a lower advertised current"),
-        "contactor_check_ms": Field(int, 500, minimum=50, maximum=10000,
-                                    help="feedback must follow the command within this time"),
-    },
-    "journal": {
-        "dir": Field(str, "run/journal", help="segment files of the store-and-forward journal"),
-        "max_bytes": Field(int, 16 * 1024 * 1024, minimum=64 * 1024, maximum=1 << 40,
-                           help="bound of the journal; aggregates are folded when it is near"),
-        "reserve_bytes": Field(int, 1024 * 1024, minimum=4096, maximum=1 << 36,
-                               help="part of max_bytes kept for session records and events"),
-        "segment_bytes": Field(int, 256 * 1024, minimum=1024, maximum=1 << 30),
-        "sync_interval_s": Field(float, 30.0, minimum=0.1, maximum=3600,
-                                 help="fsync of aggregates at least this often (sessions/events: at once)"),
-        "cursor_sync_s": Field(float, 60.0, minimum=0.1, maximum=3600,
-                               help="how often the acknowledged cursor is saved while it moves "
-                                    "(after a crash, up to this much is sent again)"),
-        "aggregate_interval_s": Field(float, 10.0, minimum=0.1, maximum=3600,
-                                      help="telemetry aggregate interval kept in the journal"),
-        "window": Field(int, 64, minimum=1, maximum=1000,
-                        help="journal records handed to the MQTT client and not yet acknowledged"),
-    },
-    "signing": {
-        "key_file": Field(str, "run/station-key.pem",
-                          help="station private key (created with mode 0600 on first start)"),
-        "gateway_vendor": Field(str, "evse-agent", help="OCMF GI"),
-        "gateway_serial": Field(str, None, nullable=True, help="OCMF GS; default: station_id"),
-    },
-    "clock": {
-        "sync": Field(str, "kernel", choices=("kernel", "always", "never"),
-                      help="how to know the clock is synchronised (OCMF time flag S or U)"),
-    },
-    "mqtt": {
-        "host": Field(str, "127.0.0.1", check=_host_name),
-        "port": Field(int, 1883, minimum=1, maximum=65535),
-        "topic_prefix": Field(str, "evse", check=_topic_level),
-        "client_id": Field(str, None, nullable=True, help="default: evse-agent-<station_id>"),
-        "username": Field(str, None, nullable=True),
-        "password": Field(str, None, nullable=True),
-        "keepalive_s": Field(int, 30, minimum=5, maximum=3600),
-        "telemetry_interval_s": Field(float, 1.0, minimum=0.1, maximum=3600),
-        "status_interval_s": Field(float, 60.0, minimum=1, maximum=3600,
-                                   help="how often the meter link status is republished"),
-        "reconnect_min_s": Field(float, 1.0, minimum=0.1, maximum=600),
-        "reconnect_max_s": Field(float, 60.0, minimum=1, maximum=3600),
-        "tls": {
-            "enabled": Field(bool, False),
-            "ca_file": Field(str, None, nullable=True, help="CA bundle; default: system CAs"),
-            "cert_file": Field(str, None, nullable=True, help="client certificate"),
-            "key_file": Field(str, None, nullable=True, help="client key"),
-            "insecure": Field(bool, False, help="skip host name check (testing only)"),
+        "session": {
+            "begin_at": Field(str, "plugin", choices=("plugin", "charge"),
+                              help="take the begin reading at plug-in or at the first charge"),
+            "fiscal_interval_s": Field(float, 0.0, minimum=0, maximum=86400,
+                                       help="signed intermediate readings; 0 = off"),
+            "state_dir": Field(str, "run/state", help="durable state: open session, counters"),
         },
-    },
-    "homeassistant": {
-        "enabled": Field(bool, True,
-                         help="publish Home Assistant MQTT discovery configs (retained) on connect"),
-        "prefix": Field(str, "homeassistant", check=_topic_name,
-                        help="Home Assistant's discovery prefix"),
-        "node_id": Field(str, None, nullable=True, check=_ha_id,
-                         help="discovery topic level of this station; default: station_id with "
-                              "characters other than a-z A-Z 0-9 _ - replaced by _"),
-        "device_name": Field(str, None, nullable=True, check=_not_blank,
-                             help="device name shown in Home Assistant; default: station_id"),
-        "birth_topic": Field(str, "homeassistant/status", nullable=True, check=_topic_name,
-                             help="Home Assistant's birth message topic: the configs are published "
-                                  "again when it says online; null: only on connect"),
-    },
-    "console": {
-        "port": Field(str, None, nullable=True,
-                      help='serial device of the technician console; "pty" makes a '
-                           'pseudo-terminal (host); "repl": the REPL UART (MicroPython); '
-                           'null: no console'),
-        "baudrate": Field(int, 115200, choices=_BAUDRATES, help="console line speed (8N1)"),
-        "pty_link": Field(str, "run/console.pty", nullable=True,
-                          help='with port "pty": symlink to the pseudo-terminal to connect to'),
-        "pin_hash": Field(str, None, nullable=True, check=_pin_hash,
-                          help="hash of the unlock PIN (evse-agent --pin-hash); null: no unlock"),
-        "lock_after_s": Field(float, 300.0, minimum=1, maximum=86400,
-                              help="lock again after this long without input"),
-        "max_line": Field(int, 256, minimum=32, maximum=4096, help="longest input line, in bytes"),
-    },
-}
+        "events": {
+            "voltage_min_v": Field(float, 207.0, minimum=0, maximum=1000,
+                                   help="supply voltage band (230 V -10 %)"),
+            "voltage_max_v": Field(float, 253.0, minimum=0, maximum=1000, help="(230 V +10 %)"),
+            "phase_loss_v": Field(float, 100.0, minimum=0, maximum=1000,
+                                  help="a phase below this while others are up is lost"),
+            "power_drop_pct": Field(float, 50.0, minimum=1, maximum=100,
+                                    help="drop of charging power within one poll"),
+            "fluctuation_pct": Field(float, 25.0, minimum=1, maximum=100,
+                                     help="power swing (max-min) over the fluctuation window"),
+            "fluctuation_window_s": Field(float, 10.0, minimum=1, maximum=600),
+            "overcurrent_pct": Field(float, 10.0, minimum=0, maximum=100,
+                                     help="tolerance above the advertised current"),
+            "overcurrent_grace_s": Field(float, 5.0, minimum=0, maximum=60,
+                                         help="time a vehicle has to follow a lower advertised current"),
+            "contactor_check_ms": Field(int, 500, minimum=50, maximum=10000,
+                                        help="feedback must follow the command within this time"),
+        },
+        "journal": {
+            "dir": Field(str, "run/journal", help="segment files of the store-and-forward journal"),
+            "max_bytes": Field(int, 16 * 1024 * 1024, minimum=64 * 1024, maximum=1 << 40,
+                               help="bound of the journal; aggregates are folded when it is near"),
+            "reserve_bytes": Field(int, 1024 * 1024, minimum=4096, maximum=1 << 36,
+                                   help="part of max_bytes kept for session records and events"),
+            "segment_bytes": Field(int, 256 * 1024, minimum=1024, maximum=1 << 30),
+            "sync_interval_s": Field(float, 30.0, minimum=0.1, maximum=3600,
+                                     help="fsync of aggregates at least this often (sessions/events: at once)"),
+            "cursor_sync_s": Field(float, 60.0, minimum=0.1, maximum=3600,
+                                   help="how often the acknowledged cursor is saved while it moves "
+                                        "(after a crash, up to this much is sent again)"),
+            "aggregate_interval_s": Field(float, 10.0, minimum=0.1, maximum=3600,
+                                          help="telemetry aggregate interval kept in the journal"),
+            "window": Field(int, 64, minimum=1, maximum=1000,
+                            help="journal records handed to the MQTT client and not yet acknowledged"),
+        },
+        "signing": {
+            "key_file": Field(str, "run/station-key.pem",
+                              help="station private key (created with mode 0600 on first start)"),
+            "gateway_vendor": Field(str, "evse-agent", help="OCMF GI"),
+            "gateway_serial": Field(str, None, nullable=True, help="OCMF GS; default: station_id"),
+        },
+        "clock": {
+            "sync": Field(str, "kernel", choices=("kernel", "always", "never"),
+                          help="how to know the clock is synchronised (OCMF time flag S or U)"),
+        },
+        "mqtt": {
+            "host": Field(str, "127.0.0.1", check=_host_name),
+            "port": Field(int, 1883, minimum=1, maximum=65535),
+            "topic_prefix": Field(str, "evse", check=_topic_level),
+            "client_id": Field(str, None, nullable=True, help="default: evse-agent-<station_id>"),
+            "username": Field(str, None, nullable=True),
+            "password": Field(str, None, nullable=True),
+            "keepalive_s": Field(int, 30, minimum=5, maximum=3600),
+            "telemetry_interval_s": Field(float, 1.0, minimum=0.1, maximum=3600),
+            "status_interval_s": Field(float, 60.0, minimum=1, maximum=3600,
+                                       help="how often the meter link status is republished"),
+            "reconnect_min_s": Field(float, 1.0, minimum=0.1, maximum=600),
+            "reconnect_max_s": Field(float, 60.0, minimum=1, maximum=3600),
+            "tls": {
+                "enabled": Field(bool, False),
+                "ca_file": Field(str, None, nullable=True, help="CA bundle; default: system CAs"),
+                "cert_file": Field(str, None, nullable=True, help="client certificate"),
+                "key_file": Field(str, None, nullable=True, help="client key"),
+                "insecure": Field(bool, False, help="skip host name check (testing only)"),
+            },
+        },
+        "homeassistant": {
+            "enabled": Field(bool, True,
+                             help="publish Home Assistant MQTT discovery configs (retained) on connect"),
+            "prefix": Field(str, "homeassistant", check=_topic_name,
+                            help="Home Assistant's discovery prefix"),
+            "node_id": Field(str, None, nullable=True, check=_ha_id,
+                             help="discovery topic level of this station; default: station_id with "
+                                  "characters other than a-z A-Z 0-9 _ - replaced by _"),
+            "device_name": Field(str, None, nullable=True, check=_not_blank,
+                                 help="device name shown in Home Assistant; default: station_id"),
+            "birth_topic": Field(str, "homeassistant/status", nullable=True, check=_topic_name,
+                                 help="Home Assistant's birth message topic: the configs are published "
+                                      "again when it says online; null: only on connect"),
+        },
+        "console": {
+            "port": Field(str, None, nullable=True,
+                          help='serial device of the technician console; "pty" makes a '
+                               'pseudo-terminal (host); "repl": the REPL UART (MicroPython); '
+                               'null: no console'),
+            "baudrate": Field(int, 115200, choices=_BAUDRATES, help="console line speed (8N1)"),
+            "pty_link": Field(str, "run/console.pty", nullable=True,
+                              help='with port "pty": symlink to the pseudo-terminal to connect to'),
+            "pin_hash": Field(str, None, nullable=True, check=_pin_hash,
+                              help="hash of the unlock PIN (evse-agent --pin-hash); null: no unlock"),
+            "lock_after_s": Field(float, 300.0, minimum=1, maximum=86400,
+                                  help="lock again after this long without input"),
+            "max_line": Field(int, 256, minimum=32, maximum=4096, help="longest input line, in bytes"),
+        },
+    }
+
+
+def __getattr__(name):
+    if name == "SCHEMA":
+        return schema()
+    raise AttributeError(name)
 
 
 def _shown(value):
@@ -393,7 +405,7 @@ def _validate_section(path, schema, doc):
 
 def validate(doc):
     """A complete board configuration (defaults filled) from a parsed board document."""
-    config = _validate_section("", SCHEMA, doc)
+    config = _validate_section("", schema(), doc)
     _check_rules(config)
     mqtt = config["mqtt"]
     if mqtt["client_id"] is None:
@@ -458,7 +470,7 @@ def load_board(path):
 
 def field_at(path):
     """The schema Field for a dotted ``path``; ConfigError if there is none."""
-    spec = SCHEMA
+    spec = schema()
     for part in path.split("."):
         if not isinstance(spec, dict) or part not in spec:
             raise ConfigError("%s: unknown setting" % path)

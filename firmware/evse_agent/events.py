@@ -24,6 +24,9 @@ Conditions watched:
 - ``meter_register_anomaly``: the register went backwards or jumped, until it returns or holds;
 - ``meter_replaced``: the meter's serial number changed (``notice``);
 - ``journal_damaged`` and ``state_damaged``: damage found at start (``notice``).
+- ``agent_fault``: the session engine ran out of memory or met a disk error handling an
+  input change or a reading (``alarm``; its work, e.g. a session's end record, is retried at
+  each reading and the alarm clears when that succeeds).
 
 Every event is reported when raised (``end`` None: *active*) and when it ends (*cleared*).
 An instantaneous event (``power_drop`` and every ``notice``; ``instant`` True) is
@@ -66,6 +69,7 @@ SEVERITY = {
     "meter_replaced": WARNING,
     "journal_damaged": CRITICAL,
     "state_damaged": WARNING,
+    "agent_fault": CRITICAL,
 }
 
 

@@ -346,6 +346,11 @@ class InputMonitor:
         self.changes += 1
         try:
             self.listener.on_inputs(state.copy(), now_ms)
-        except Exception as error:  # the listener's bug must not stop the sampling
-            log.error("input listener failed on %r: %s" % (state, error))
+        except Exception as error:  # the listener's failure must not stop the sampling
+            log.error("input listener failed on %r: %r" % (state, error))
+            if isinstance(error, (MemoryError, OSError)):
+                # Out of memory or a disk that refuses: an alarm the operator sees.
+                on_fault = getattr(self.listener, "on_fault", None)
+                if on_fault is not None:
+                    on_fault("inputs", error)
         return True

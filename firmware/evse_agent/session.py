@@ -351,6 +351,9 @@ class SessionEngine:
 
     def _resolve_pending(self, session, reading):
         which = session.pending
+        if which is None and session in self.ending:
+            self._finish(session)  # its end record was refused before: journal it now
+            return
         if which is None or reading.energy_wh is None:
             return
         if not self._exact_now(reading) and not self._acceptable_late(session, reading):
@@ -372,7 +375,6 @@ class SessionEngine:
             segment["end"] = record
             segment_begin = segment["begin"]
             self._sign(session, [(segment_begin, "B", "G"), (record, "E", "G")], "T")
-            self.ending.remove(session)
             self._finish(session)
 
     def _acceptable_late(self, session, reading):
@@ -545,10 +547,25 @@ class SessionEngine:
     # -- records ---------------------------------------------------------------------
 
     def _finish(self, session):
-        self.store.clear_open_session()
+        """Journal the end record first, then forget the session. If the journal refuses it
+        (``MemoryError``, a disk error), the error propagates with the session still in
+        ``ending`` and on file, its end reading taken: the next reading, or the restart,
+        journals the record again."""
+        owns_file = self.session is None  # else the file holds a newer session
+        try:
+            self._publish_session(session, "end")
+        except Exception:
+            if session not in self.ending:
+                self.ending.append(session)
+            if owns_file:
+                self._save(session)  # its end reading is taken: a restart takes no other
+            raise
+        if session in self.ending:
+            self.ending.remove(session)
+        if owns_file:
+            self.store.clear_open_session()
         self.completed += 1
         log.info("session %s ended: %s Wh, flags %s" % (session.id, session.energy_wh, session.flags or "none"))
-        self._publish_session(session, "end")
 
     def _save(self, session):
         self.store.save_open_session(session.to_doc())

@@ -25,19 +25,46 @@ _state = {"main": None, "steps": 0, "peak": 0, "peak_step": None, "baseline": No
 
 
 def emit(name, value):
-    """One result line; values are JSON (ints, strings, lists, dicts with sorted keys)."""
-    print("%s %s" % (name, _canonical(value)))
+    """One result line; values are JSON (ints, strings, lists, dicts with sorted keys).
+
+    Written piece by piece (streamed): the harness never builds the whole line, so it is
+    not the largest allocation of a scenario run on a fixed heap."""
+    write = sys.stdout.write
+    write(name)
+    write(" ")
+    _write(value, write)
+    write("\n")
 
 
-def _canonical(value):
+def _write(value, write):
     if isinstance(value, dict):
-        return "{" + ",".join(json.dumps(k) + ":" + _canonical(value[k]) for k in sorted(value)) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_canonical(v) for v in value) + "]"
-    if isinstance(value, str):
+        write("{")
+        first = True
+        for key in sorted(value):
+            if not first:
+                write(",")
+            first = False
+            write(json.dumps(key))
+            write(":")
+            _write(value[key], write)
+        write("}")
+    elif isinstance(value, (list, tuple)):
+        write("[")
+        for i, item in enumerate(value):
+            if i:
+                write(",")
+            _write(item, write)
+        write("]")
+    elif isinstance(value, str):
         # MicroPython's json.dumps writes non-ASCII characters as they are; CPython escapes them.
-        return "".join(c if ord(c) < 128 else "\\u%04x" % ord(c) for c in json.dumps(value))
-    return json.dumps(value)
+        text = json.dumps(value)
+        for c in text:
+            if ord(c) >= 128:
+                text = "".join(c if ord(c) < 128 else "\\u%04x" % ord(c) for c in text)
+                break
+        write(text)
+    else:
+        write(json.dumps(value))
 
 
 def mem_alloc():
@@ -65,14 +92,21 @@ def stats_json():
                        "free": _state.get("free")})
 
 
-def run(main):
-    """Run the scenario: asyncio.run where the port has it; the runner awaits it otherwise."""
+def run(main, report=True):
+    """Run the scenario: asyncio.run where the port has it; the runner awaits it otherwise.
+    ``report``: write the checkpoint figures to stderr (romboot.py reports its own)."""
     if DEFERRED:
         _state["main"] = main
         return
     asyncio.run(main())
-    if MICROPYTHON:
+    if MICROPYTHON and report:
         sys.stderr.write("mpy-heap %s\n" % stats_json())
+
+
+def loaded_words(image_bytes, word_bytes):
+    """Heap in use once the code was loaded (``mark_loaded``), beyond the image, in words."""
+    baseline = _state["baseline"]
+    return -1 if baseline is None else (baseline - image_bytes) // word_bytes
 
 
 async def finish():

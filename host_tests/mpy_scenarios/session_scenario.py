@@ -69,7 +69,7 @@ class Station:
             agent.publish_meter_status()
         if reading is None:
             return
-        self.engine.on_reading(reading)
+        agent._engine_reading(reading)
         inputs = self.engine.inputs
         self.monitor.on_reading(reading, inputs.advertised_a if inputs else None)
         finished = agent.aggregator.add(reading)

@@ -1,1 +1,1 @@
-"""The MicroPython port (ESP32 class boards): machine.UART, machine.Pin / ADC, umqtt, littlefs."""
+"""The MicroPython port (ESP32 class boards): machine.UART, machine.Pin / ADC, its own MQTT client, littlefs."""

@@ -5,7 +5,8 @@ section for what only a microcontroller has (UART pins, DE pin, ADC pin, Wi-Fi, 
 watchdog) that is taken out before the common file is validated — then wire the core to
 the board as ``ports/cpython/main.py`` does on Linux, and run one asyncio task per concern:
 
-- Wi-Fi with back-off; MQTT (umqtt.simple) reconnecting with back-off once Wi-Fi is up;
+- Wi-Fi with back-off; MQTT (``mqtt.py``, never blocking the loop) reconnecting with back-off
+  once Wi-Fi is up;
 - NTP (``ntptime``) until the first success, then every ``ntp_interval_s``: OCMF readings
   carry the time flag ``U`` until the clock was synchronised;
 - the agent (meter poll loop, input monitor, supervisor, forwarder);
@@ -94,7 +95,7 @@ def _console_sink(level, text):
 
 def build(config, port, clock):
     """Wire the board's hardware to the core; returns (agent, publisher, journal)."""
-    from .mqtt import UmqttPublisher
+    from .mqtt import MqttPublisher
     from .pins import MachinePinBank
     from .signer import file_key_signer
     from .uart import UartStream
@@ -111,7 +112,7 @@ def build(config, port, clock):
     master = RtuMaster(stream, clock, meter_cfg["baudrate"], meter_cfg["timeout_ms"], meter_cfg["retries"])
     meter = ModbusMeter(master, model, meter_cfg["unit_id"], clock, meter_cfg["offline_after"])
     topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
-    publisher = UmqttPublisher(config["mqtt"], topics.status, clock)
+    publisher = MqttPublisher(config["mqtt"], topics.status, clock)
     journal_cfg = config["journal"]
     journal = Journal(FileSystem(journal_cfg["dir"]), journal_cfg, clock)
     journal.recover()

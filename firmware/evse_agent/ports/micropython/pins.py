@@ -8,7 +8,9 @@
 - Comparator lines (source "lines"): the five GPIOs in ``io.pilot.lines``.
 - PWM duty (``io.pilot.pwm_line``): a ``Pin.irq`` on both edges stores the last periods'
   high and total times in preallocated arrays (no allocation in the handler); ``read``
-  averages them. No edge for 100 ms: the pilot is steady, 100 % while high, 0 % while low.
+  takes the median duty of those whose period is the pilot's 1 kHz (+-10 %): an edge
+  handled late (soft IRQ latency, a garbage collection) spoils one period, not the
+  reading. No edge for 100 ms: the pilot is steady, 100 % while high, 0 % while low.
 - Contactor command / feedback: GPIO inputs, ``io.contactor.active_low`` applied.
 
 GPIO numbers are the ESP32's (the board file's "line offsets" are GPIO numbers here).
@@ -23,6 +25,8 @@ from ...pilot import PinSample
 
 PERIODS = 8
 STALE_US = 100000
+PERIOD_MIN_US = 900    # the pilot PWM is 1 kHz
+PERIOD_MAX_US = 1100
 
 
 class EdgeDuty:
@@ -32,6 +36,7 @@ class EdgeDuty:
         self.pin = Pin(pin_number, Pin.IN)
         self.high = array("i", [0] * PERIODS)
         self.total = array("i", [0] * PERIODS)
+        self.ratios = array("f", [0.0] * PERIODS)
         self.index = 0
         self.count = 0
         self.last_rise = -1
@@ -62,12 +67,21 @@ class EdgeDuty:
         if time.ticks_diff(time.ticks_us(), self.last_edge) > STALE_US or not self.count:
             self.count = 0
             return 100.0 if self.pin.value() else 0.0
-        high = 0
-        total = 0
+        ratios = self.ratios
+        n = 0
         for i in range(self.count):
-            high += self.high[i]
-            total += self.total[i]
-        return 100.0 * high / total if total else None
+            total = self.total[i]
+            if PERIOD_MIN_US <= total <= PERIOD_MAX_US:
+                ratio = self.high[i] / total
+                j = n  # insertion sort: at most PERIODS values, no allocation
+                while j and ratios[j - 1] > ratio:
+                    ratios[j] = ratios[j - 1]
+                    j -= 1
+                ratios[j] = ratio
+                n += 1
+        if not n:
+            return None
+        return 100.0 * (ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2)
 
 
 class MachinePinBank:
