@@ -11,7 +11,6 @@ matches the source tree.
 """
 
 include("$(PORT_DIR)/boards/manifest.py")
-require("umqtt.simple")
 require("ntptime")
 package(
     "evse_agent",

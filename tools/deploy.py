@@ -15,7 +15,8 @@ Steps (each one mpremote command; ``--dry-run`` prints them instead):
    (MicroPython 1.25 or later; the code runs in place from flash, mounted at ``/rom``),
    else copy the .mpy files to ``:/lib/evse_agent`` (``--layout`` chooses; ``auto`` asks the
    board); nothing with ``--frozen`` (the firmware has the agent frozen in);
-4. install the micropython-lib dependencies (``umqtt.simple``, ``ntptime``) with ``mpremote mip``;
+4. install the micropython-lib dependency ``ntptime`` with ``mpremote mip`` (the MQTT client is
+   the port's own);
 5. copy the board file to ``:/board.json`` and write a two-line ``:/main.py`` that starts the agent;
 6. reset the board and show its console (leave with Ctrl-]).
 
@@ -37,7 +38,7 @@ from .mpy_build import build_romfs, compile_core
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_PY = "import evse_agent.ports.micropython.main as agent\nagent.main()\n"
-DEPENDENCIES = ("umqtt.simple", "ntptime")
+DEPENDENCIES = ("ntptime",)
 # Make /lib and /data; remove /main.py; give a running watchdog an hour (the final reset ends it).
 PREPARE = ("import os\nfor d in ('/lib', '/data'):\n try:\n  os.mkdir(d)\n except OSError:\n  pass\n"
            "try:\n os.remove('/main.py')\nexcept OSError:\n pass\n"

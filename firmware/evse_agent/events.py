@@ -23,7 +23,7 @@ Conditions watched:
 - ``meter_value_invalid``: the meter sends an unusable import register (NaN, negative, absurd);
 - ``meter_register_anomaly``: the register went backwards or jumped, until it returns or holds;
 - ``meter_replaced``: the meter's serial number changed (``notice``);
-- ``journal_damaged`` and ``state_damaged``: damage found at start (``notice``).
+- ``journal_damaged`` and ``state_damaged``: damage found at start (``notice``);
 - ``agent_fault``: the session engine ran out of memory or met a disk error handling an
   input change or a reading (``alarm``; its work, e.g. a session's end record, is retried at
   each reading and the alarm clears when that succeeds).
