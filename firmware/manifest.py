@@ -32,6 +32,7 @@ package(
         "modbus_rtu.py",
         "ocmf.py",
         "pilot.py",
+        "pn532.py",
         "reading.py",
         "registers.py",
         "session.py",
