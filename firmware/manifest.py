@@ -24,6 +24,8 @@ package(
         "events.py",
         "forwarder.py",
         "ha_discovery.py",
+        "id_console.py",
+        "identification.py",
         "journal.py",
         "log.py",
         "messages.py",

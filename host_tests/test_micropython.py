@@ -28,7 +28,8 @@ SCENARIOS = os.path.join(ROOT, "host_tests", "mpy_scenarios")
 RUNNER = os.path.join(ROOT, "tools", "mpy_run.mjs")
 PACKAGE = os.path.join(ROOT, "tools", "mpy", "node_modules", "@micropython",
                        "micropython-webassembly-pyscript", "micropython.mjs")
-NAMES = ("modbus", "registers", "ocmf", "journal", "session", "console", "p256", "ha_discovery")
+NAMES = ("modbus", "registers", "ocmf", "journal", "session", "console", "p256", "ha_discovery",
+         "identification")
 HEAP_BUDGET = 64 * 1024
 STATION_KEY = 0x3A1F5C7E9B2D4F6081A3C5E7092B4D6F8A1C3E5079B2D4F6183A5C7E9B0D2F41  # fakes.py
 

@@ -64,6 +64,7 @@ class Agent:
         self.on_reading = on_reading
         self.console = None
         self.discovery = None
+        self.identification = None  # identification.IdentificationDesk (RFID reader), if any
         self.started_ms = clock.monotonic_ms()
         self.aggregator = Aggregator(config["journal"]["aggregate_interval_s"], meter.model.phases)
         self.topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
@@ -158,6 +159,8 @@ class Agent:
             self.inputs.stop()
         if self.forwarder is not None:
             self.forwarder.stop()
+        if self.identification is not None:
+            self.identification.stop()
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -174,6 +177,8 @@ class Agent:
             tasks.append(asyncio.create_task(self.console.run()))
         if self.discovery is not None:
             tasks.append(asyncio.create_task(self.discovery.run()))
+        if self.identification is not None:
+            tasks.append(asyncio.create_task(self.identification.run()))
         try:
             await tasks[0]
         finally:

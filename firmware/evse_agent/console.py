@@ -1076,6 +1076,10 @@ class Console:
             ("topics", self.agent.topics.base + "/..."),
         ))
 
+    async def cmd_id(self, args):
+        from .id_console import run
+        run(self, args)
+
     async def cmd_log(self, args):
         count = _count_arg(args, "log", 20, log.RING_SIZE)
         lines = log.recent(count)
@@ -1409,6 +1413,11 @@ COMMANDS = (
              "contactor feedback agrees with the command), sends a message to the",
              "broker and receives it back, signs and verifies a test OCMF document, and",
              "writes, reads back and removes a probe file in the journal directory.")),
+    Command("id", Console.cmd_id,
+            (("id", "RFID reader, allow-list, last tag", False),
+             ("id allow|deny <UID>", "change the allow-list until restart", True)),
+            ("The identification reader's state and counters, the allow-list and its",
+             "source, and the last tag. id allow / id deny change the running list.")),
     Command("log", Console.cmd_log,
             (("log [n]", "the last n log lines (20)", False),),
             ("The last n lines of the agent's log (at most %d are kept)." % log.RING_SIZE,)),
