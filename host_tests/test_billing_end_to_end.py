@@ -108,7 +108,8 @@ def test_statements_per_driver_equal_ground_truth(broker, collector, meter_sim, 
         truth.append((tag, end_wh - begin_wh, end.body["session_id"]))
 
     ended = "SELECT COUNT(*) FROM sessions WHERE verified = 1 AND seq_end IS NOT NULL"
-    assert wait_for(lambda: store.scalar(ended) == len(plan), 30), store.query("SELECT session_id, verified, verify_error FROM sessions")
+    assert wait_for(lambda: store.scalar(ended) == len(plan), 30), \
+        store.query("SELECT session_id, verified, verify_error FROM sessions")
     out = tmp_path / "statements"
     written = billing.export_due(store, str(out), "day",
                                  now=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=2))

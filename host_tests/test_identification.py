@@ -175,3 +175,36 @@ def test_allow_list_sources_and_bad_entries(tmp_path):
     with pytest.raises(ConfigError, match="identification.allow_list"):
         validate({"station_id": "t", "meter": {"model": "sdm630", "port": "x"},
                   "identification": {"allow_list": "04A1B2C3"}})
+
+
+def test_console_id_command_shows_the_reader_and_edits_the_allow_list(tmp_path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from evse_agent.console import Console, pin_hash
+    from test_console import Capture
+
+    station = Station(tmp_path)
+    desk = attach(station)
+    config = validate({"station_id": "t-001", "meter": {"model": "sdm630", "port": "x"},
+                       "console": {"pin_hash": pin_hash("2468", b"saltsalt")}})
+    agent = SimpleNamespace(config=config, clock=station.clock, outbox=SimpleNamespace(journal=None, publisher=None),
+                            engine=station.engine, monitor=None, forwarder=None, identification=desk)
+    stream = Capture()
+    console = Console(agent, stream)
+    desk.tap(UNLISTED)
+
+    def run(line):
+        asyncio.run(console._line(line, None))
+        return stream.text()
+
+    shown = run("id")
+    assert "allow-list  1 tag(s) from the board file" in shown and LISTED in shown
+    assert "last tag    DEADBEEF HEARSAY" in shown and "waiting     DEADBEEF" in shown
+    assert run("id allow DEADBEEF") == "error: id allow needs 'unlock <PIN>' first\n"
+    run("unlock 2468")
+    assert run("id allow deadbeef") == "allowed DEADBEEF: 2 tag(s) on the allow-list until restart\n"
+    assert run("id deny 12") == "error: tag: '12' is not an ISO 14443 UID (8 or 14 hex digits)\n"
+    assert desk.allowed == {LISTED, "DEADBEEF"}
+    agent.identification = None
+    assert run("id").startswith("error: this station has no identification reader")

@@ -48,7 +48,7 @@ LEVEL_LISTED = "TRUSTED"
 LEVEL_UNLISTED = "HEARSAY"
 
 
-def parse_uid(value, where="uid"):
+def parse_uid(value, where="tag"):
     """An ISO 14443 UID as upper-case hex of 4 or 7 bytes; ValueError naming ``where``."""
     if not isinstance(value, str):
         raise ValueError("%s: %r is not a hex string" % (where, value))
