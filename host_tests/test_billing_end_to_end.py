@@ -163,3 +163,29 @@ def _pem(key_hex):
     key = serialization.load_der_public_key(bytes.fromhex(key_hex))
     return key.public_bytes(serialization.Encoding.PEM,
                             serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def test_a_reader_missing_at_start_is_retried_and_found(broker, collector, meter_sim, agent_process, tmp_path):
+    """The agent starts without its reader (unplugged USB adapter), bills on, and takes the
+    reader into use when it appears; a silent reader is reported and recovered from."""
+    link = str(tmp_path / "reader.pty")
+    meter = meter_sim("sdm630", profile="steady")
+    agent = agent_process(broker, meter.device, *FAST, "--set", "identification.enabled=true",
+                          "--set", "identification.port=" + link,
+                          "--set", "identification.poll_interval_ms=50")
+    assert collector.wait_for(lambda m: m.topic.endswith("/telemetry")), agent.log()
+    assert agent.wait_for_log("id reader: PN532 not answering", 15), agent.log()
+    sim = ReaderSimulator()
+    sim.start()
+    try:
+        os.symlink(sim.device, link)
+        assert agent.wait_for_log("id reader: PN532 online", 20), agent.log()
+        sim.set_fault("silent")
+        assert wait_for(lambda: agent.log().count("id reader: PN532 not answering") >= 2, 20), agent.log()
+        sim.set_fault(None)
+        assert wait_for(lambda: agent.log().count("id reader: PN532 online") >= 2, 20), agent.log()
+        sim.tap("CAFEF00D")
+        assert agent.wait_for_log("id: tag CAFEF00D", 15), agent.log()
+    finally:
+        sim.stop()
+    assert agent.alive() and "Traceback" not in agent.log()

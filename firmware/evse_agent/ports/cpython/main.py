@@ -28,7 +28,7 @@ from .clock import SystemClock
 from .console_port import attach_console
 from .fs import FileSystem
 from .mqtt import MqttPublisher
-from .serial_link import SerialStream
+from .serial_link import ReopeningStream, SerialStream
 from .signer import FileKeySigner
 
 
@@ -122,8 +122,8 @@ def build_agent(config, clock, quiet=False, stream=None, pins=None):
         from ...identification import attach_identification
         if id_cfg["port"] is None:
             raise ConfigError("identification.port: needed when identification.enabled is true")
-        id_stream = SerialStream(id_cfg["port"], id_cfg["baudrate"])
-        attach_identification(agent, id_stream)
+        # Opened by the reader task, and again after it was unplugged: never a reason not to start.
+        attach_identification(agent, ReopeningStream(id_cfg["port"], id_cfg["baudrate"]))
     return agent, publisher, stream, journal
 
 

@@ -67,3 +67,55 @@ class SerialStream:
 
     def close(self):
         self._serial.close()
+
+
+class ReopeningStream:
+    """A SerialStream that may be missing: opened on first use and again after it failed.
+
+    For a device that can be unplugged while the agent runs (a USB RFID reader): every
+    call raises OSError while the device is not there, and ``reset_input`` (which a
+    reader calls before it starts over) tries to open it again. The caller logs and
+    retries; the agent itself never depends on the device being present.
+    """
+
+    def __init__(self, port, baudrate=115200, parity="N", stopbits=1):
+        self.port = port
+        self._options = (baudrate, parity, stopbits)
+        self._stream = None
+
+    def _open(self):
+        if self._stream is None:
+            self._stream = SerialStream(self.port, *self._options)
+        return self._stream
+
+    def _failed(self):
+        if self._stream is not None:
+            try:
+                self._stream.close()
+            except Exception:
+                pass
+            self._stream = None
+
+    def reset_input(self):
+        try:
+            self._open().reset_input()
+        except Exception as error:  # pyserial raises termios.error for a vanished tty
+            self._failed()
+            raise OSError("%s: %s" % (self.port, error)) from error
+
+    def write(self, data):
+        try:
+            self._open().write(data)
+        except Exception as error:
+            self._failed()
+            raise OSError("%s: write failed: %s" % (self.port, error)) from error
+
+    async def read(self, max_bytes, timeout_ms):
+        try:
+            return await self._open().read(max_bytes, timeout_ms)
+        except OSError:
+            self._failed()
+            raise
+
+    def close(self):
+        self._failed()
