@@ -14,7 +14,9 @@ from evse_agent.ports.cpython.serial_link import SerialStream
 from evse_tools.reader_sim import ReaderSimulator
 from evse_tools.reader_sim import frame as sim_frame
 
-# Frames as printed in NXP UM0701-02 (PN532 User Manual), sections 6.2.1.x and 7.2.
+# NXP UM0701-02 (PN532 User Manual): GetFirmwareVersion and its answer as in the manual's
+# example; SAMConfiguration (normal mode, 1 s timeout, IRQ) and InListPassiveTarget (one
+# target, 106 kbps type A) framed by hand from its rules (LEN + LCS = 0, TFI + data + DCS = 0).
 MANUAL_GET_FIRMWARE = bytes.fromhex("0000FF02FED4022A00")
 MANUAL_FIRMWARE_ANSWER = bytes.fromhex("0000FF06FAD50332010607E800")
 MANUAL_SAM_NORMAL = bytes.fromhex("0000FF05FBD414011401" "0200")

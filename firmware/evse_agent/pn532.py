@@ -14,9 +14,8 @@ communication protocol"):
 - error frame ``00 00 FF 01 FF 7F 81 00``: an information frame of one byte ``7F``
   (syntax error: the PN532 could not parse the command).
 
-HSU wake-up (UM0701-02 section 7.2.11 and the PN532 data sheet, "HSU wake up
-condition"): after power-on or power-down the PN532 sleeps and needs a long preamble:
-``55 55`` then zeros, before the first command. ``SAMConfiguration`` (``D4 14 01 ...``,
+HSU wake-up (the user manual's "HSU wake up condition"): after power-on or power-down
+the PN532 sleeps and needs a long preamble, ``55 55`` then zeros, before the first command. ``SAMConfiguration`` (``D4 14 01 ...``,
 normal mode) must follow, or the PN532 drops back to sleep.
 
 Commands used: ``GetFirmwareVersion`` (``02`` -> ``03 IC Ver Rev Support``, IC ``32``),
