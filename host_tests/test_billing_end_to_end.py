@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from paho.mqtt import publish
 from pyocmf.utils.xml import OcmfContainer
 
 from conftest import wait_for
@@ -172,7 +173,8 @@ def test_a_reader_missing_at_start_is_retried_and_found(broker, collector, meter
     meter = meter_sim("sdm630", profile="steady")
     agent = agent_process(broker, meter.device, *FAST, "--set", "identification.enabled=true",
                           "--set", "identification.port=" + link,
-                          "--set", "identification.poll_interval_ms=50")
+                          "--set", "identification.poll_interval_ms=50",
+                          "--set", "identification.debounce_ms=300")
     assert collector.wait_for(lambda m: m.topic.endswith("/telemetry")), agent.log()
     assert agent.wait_for_log("id reader: PN532 not answering", 15), agent.log()
     sim = ReaderSimulator()
@@ -185,7 +187,17 @@ def test_a_reader_missing_at_start_is_retried_and_found(broker, collector, meter
         sim.set_fault(None)
         assert wait_for(lambda: agent.log().count("id reader: PN532 online") >= 2, 20), agent.log()
         sim.tap("CAFEF00D")
-        assert agent.wait_for_log("id: tag CAFEF00D", 15), agent.log()
+        assert agent.wait_for_log("id: tag CAFEF00D (not listed)", 15), agent.log()
+        # The backend pushes a retained allow-list: the next tap of that tag is listed.
+        publish.single("evse/sim-001/allow_list", json.dumps({"tags": ["cafef00d"]}), qos=1, retain=True,
+                       hostname=broker.host, port=broker.port)
+        assert agent.wait_for_log("id: allow-list from the backend: 1 tag(s)", 15), agent.log()
+        publish.single("evse/sim-001/allow_list", "[not a list", qos=1, hostname=broker.host, port=broker.port)
+        assert agent.wait_for_log("id: allow-list message refused, keeping 1 tag(s)", 15), agent.log()
+        assert wait_for(lambda: not sim.card_present(), 10)
+        time.sleep(0.5)  # the card stays away longer than debounce_ms: the next tap is a new one
+        sim.tap("CAFEF00D")
+        assert agent.wait_for_log("id: tag CAFEF00D (listed)", 15), agent.log()
     finally:
         sim.stop()
     assert agent.alive() and "Traceback" not in agent.log()

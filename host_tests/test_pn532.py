@@ -208,3 +208,23 @@ def test_an_unplugged_reader_is_offline_not_a_crash(reader_sim):
     reader, tags = asyncio.run(_run_reader(sim.device, until))
     assert not reader.online and reader.stats.wakeups >= 3
     assert reader.last_error
+
+
+def test_the_simulator_taps_what_a_script_file_says(reader_sim, tmp_path):
+    """Tests (and people) drive the simulator by appending lines to its script file."""
+    script = tmp_path / "taps.txt"
+    script.write_text("# taps for this test\n")
+    sim = reader_sim(script_path=str(script))
+    with open(script, "a") as handle:
+        handle.write("tap 04A1B2C3D4E5F6 0.2\nbogus line\n")
+
+    def until(reader, tags):
+        if tags == ["04A1B2C3D4E5F6"] and "more" not in state:
+            state["more"] = True
+            with open(script, "a") as handle:
+                handle.write("tap DEADBEEF\n")
+        return len(tags) >= 2
+
+    state = {}
+    reader, tags = asyncio.run(_run_reader(sim.device, until, debounce_ms=100))
+    assert tags == ["04A1B2C3D4E5F6", "DEADBEEF"]

@@ -87,6 +87,14 @@ class ReaderSimulator:
             self._tag = None
             self._queue = []
 
+    def card_present(self):
+        """True while a card lies on the reader or waits to be tapped."""
+        with self._lock:
+            tag = self._tag
+            if tag is not None and tag[1] is not None and tag[2] and time.monotonic() >= tag[1]:
+                tag = None
+            return tag is not None or bool(self._queue)
+
     def set_fault(self, fault):
         if fault is not None and fault not in FAULTS:
             raise ValueError("unknown fault %r (known: %s)" % (fault, ", ".join(FAULTS)))

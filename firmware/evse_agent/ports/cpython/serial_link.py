@@ -85,7 +85,10 @@ class ReopeningStream:
 
     def _open(self):
         if self._stream is None:
-            self._stream = SerialStream(self.port, *self._options)
+            try:
+                self._stream = SerialStream(self.port, *self._options)
+            except OSError as error:
+                raise OSError("cannot open %s: %s" % (self.port, error.__cause__ or error)) from None
         return self._stream
 
     def _failed(self):
