@@ -153,3 +153,27 @@ def test_bad_driver_input_names_the_value(tmp_path):
         billing.import_drivers(store, str(path))
     with pytest.raises(ValueError, match="period 'weekly'"):
         billing.period_of("weekly", datetime.datetime.now(UTC))
+
+
+def test_command_line_adds_drivers_reports_and_exports(tmp_path, capsys):
+    from evse_tools.collector.main import main
+
+    fleet = Fleet(tmp_path)
+    fleet.session(TAGS[1], 12)
+    db = str(tmp_path / "fleet.db")
+    drivers_csv = tmp_path / "drivers.csv"
+    drivers_csv.write_text("tag,name,vehicle,group,tariff\n%s,Bo Builder,Van 7,crew,0.2999\n" % TAGS[1])
+    assert main(["drivers", "import", "--db", db, "--file", str(drivers_csv)]) == 0
+    assert main(["drivers", "list", "--db", db]) == 0
+    assert "Bo Builder" in capsys.readouterr().out
+    at = datetime.datetime.fromtimestamp(fleet.station.clock.time(), UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    assert main(["billing", "report", "--db", db, "--period", "day", "--at", at, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    energy = fleet.truth[0][1]
+    assert report["drivers"]["Bo Builder"] == {"sessions": 1, "energy_wh": energy,
+                                                "price_cents": expected_cents(energy, 2999)}
+    out = tmp_path / "statements"
+    assert main(["billing", "export", "--db", db, "--period", "day", "--grace", "0", "--out", str(out)]) == 0
+    assert "statement %s" % out in capsys.readouterr().out
+    assert main(["drivers", "add", "--db", db, "--tag", "XYZ", "--name", "N", "--tariff", "1"]) == 2
+    assert "tag 'XYZ' is not an ISO 14443 UID" in capsys.readouterr().err
