@@ -43,7 +43,8 @@ SCENARIOS = os.path.join(ROOT, "host_tests", "mpy_scenarios")
 RUNNER = os.path.join(ROOT, "tools", "mpy_run.mjs")
 PACKAGE = os.path.join(ROOT, "tools", "mpy", "node_modules", "@micropython",
                        "micropython-webassembly-pyscript", "micropython.mjs")
-NAMES = ("modbus", "registers", "ocmf", "journal", "session", "console", "p256", "ha_discovery", "lost_end")
+NAMES = ("modbus", "registers", "ocmf", "journal", "session", "console", "p256", "ha_discovery", "lost_end",
+         "identification")
 HEAP_BUDGET = 64 * 1024
 # Heap beyond the ROMFS image, in words, per scenario under the unix port (see the docstring).
 HEAP_WORDS = {
@@ -56,6 +57,7 @@ HEAP_WORDS = {
     "p256": 7 * 1024,  # 5,625
     "ha_discovery": 17 * 1024,  # 14,062
     "lost_end": 37 * 1024,  # 30,937
+    "identification": 15 * 1024,  # 12,187
 }
 STATION_KEY = 0x3A1F5C7E9B2D4F6081A3C5E7092B4D6F8A1C3E5079B2D4F6183A5C7E9B0D2F41  # fakes.py
 
