@@ -120,4 +120,5 @@ async def main():
     await harness.checkpoint("desk")
 
 
-harness.run(main)
+if __name__ == "__main__":
+    harness.run(main)
