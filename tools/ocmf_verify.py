@@ -172,6 +172,10 @@ def check_session(documents):
         if after != before + 1:
             raise Invalid("pagination not consecutive: T%d is followed by T%d, a document "
                           "is missing or foreign" % (before, after))
+    users = [user_assignment(document) for document in documents]
+    if any(user != users[0] for user in users):
+        raise Invalid("documents of one session assign different users: %s"
+                      % " vs ".join(describe_user(user) for user in users))
     begins = [reading for reading in first.readings if reading.get("TX") == "B"]
     if len(begins) != 1:
         raise Invalid("first document must hold one begin reading (TX B), found %d" % len(begins))
@@ -205,6 +209,23 @@ def check_session(documents):
     if billed < 0:
         raise Invalid("end reading %s is below begin reading %s" % (end.get("RV"), begin.get("RV")))
     return billed, notes
+
+
+USER_FIELDS = ("IS", "IL", "IF", "IT", "ID")
+
+
+def user_assignment(document):
+    """The user-assignment fields (OCMF Table 4) of a document, None where absent."""
+    return tuple((key, document.payload.get(key)) for key in USER_FIELDS)
+
+
+def describe_user(user):
+    """One line for people: 'ISO14443 04A1B2C3D4E5F6, level TRUSTED, RFID_PLAIN' or 'none'."""
+    fields = dict(user)
+    if not fields.get("IS"):
+        return "no user assigned (IL %s)" % fields.get("IL")
+    return "%s %s, level %s, %s" % (fields.get("IT"), fields.get("ID"), fields.get("IL"),
+                                    "+".join(fields.get("IF") or []) or "no flags")
 
 
 def _time(reading, which):
@@ -273,6 +294,8 @@ def main(argv=None):
         print("document %d: %s, meter %s %s serial %s" % (
             number, payload.get("PG"), payload.get("MV", "?"), payload.get("MM", "?"),
             payload.get("MS", "?")))
+        if "IS" in payload:
+            print("  user: %s" % describe_user(user_assignment(document)))
         for line in document.reading_lines():
             print(line)
         try:

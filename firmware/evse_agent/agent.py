@@ -76,6 +76,7 @@ class Agent:
         self.on_reading = on_reading
         self.console = None
         self.discovery = None
+        self.identification = None  # identification.IdentificationDesk (RFID reader), if any
         self.started_ms = clock.monotonic_ms()
         self.aggregator = Aggregator(config["journal"]["aggregate_interval_s"], meter.model.phases)
         self.topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
@@ -193,6 +194,8 @@ class Agent:
         self._supervise.set()
         if self.inputs is not None:
             self.inputs.stop()
+        if self.identification is not None:
+            self.identification.stop()
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -210,6 +213,8 @@ class Agent:
             tasks.append(asyncio.create_task(self.console.run()))
         if self.discovery is not None:
             tasks.append(asyncio.create_task(self.discovery.run()))
+        if self.identification is not None:
+            tasks.append(asyncio.create_task(self.identification.run()))
         try:
             await tasks[0]
         finally:

@@ -271,6 +271,25 @@ def schema():
                                  help="Home Assistant's birth message topic: the configs are published "
                                       "again when it says online; null: only on connect"),
         },
+        "identification": {
+            "enabled": Field(bool, False, help="identify drivers with an RFID reader (NXP PN532, HSU)"),
+            "port": Field(str, None, nullable=True, help="serial device of the PN532 (CPython)"),
+            "baudrate": Field(int, 115200, choices=_BAUDRATES, help="PN532 HSU speed (8N1)"),
+            "uart_id": Field(int, None, nullable=True, minimum=0, maximum=3,
+                             help="UART of the PN532 (MicroPython)"),
+            "tx_pin": Field(int, None, nullable=True, minimum=0, help="UART TX GPIO (MicroPython)"),
+            "rx_pin": Field(int, None, nullable=True, minimum=0, help="UART RX GPIO (MicroPython)"),
+            "poll_interval_ms": Field(int, 250, minimum=20, maximum=10000, help="time between polls"),
+            "debounce_ms": Field(int, 2000, minimum=0, maximum=60000,
+                                 help="a tag must be away this long before it counts as a new tap"),
+            "tap_before_s": Field(float, 60.0, minimum=0, maximum=3600,
+                                  help="a tap this long before plug-in identifies the session"),
+            "tap_after_s": Field(float, 120.0, minimum=0, maximum=3600,
+                                 help="a tap this long after plug-in identifies the session"),
+            "allow_list": Field(list, [], help="tag UIDs (hex) of known drivers: OCMF IL TRUSTED"),
+            "allow_list_topic": Field(bool, True,
+                                      help="take the allow-list from the retained <prefix>/<station>/allow_list"),
+        },
         "console": {
             "port": Field(str, None, nullable=True,
                           help='serial device of the technician console; "pty" makes a '

@@ -37,6 +37,7 @@ normal cadence meanwhile.
 
 from . import log
 from .messages import iso_utc
+from .identification import ocmf_identification
 from .ocmf import OcmfReading, build_payload, sign_document
 
 SESSION_KEYS_VERSION = 1
@@ -67,7 +68,7 @@ class Session:
     __slots__ = ("id", "number", "plug_in_time", "unplug_time", "segments", "charging_ms",
                  "period", "period_start_ms", "period_start_time", "max_power_w", "max_current_a",
                  "events", "flags", "documents", "pending", "last_reading", "fiscal_due_ms",
-                 "advertised_a", "uncertain_wh")
+                 "advertised_a", "uncertain_wh", "identification", "held_begin")
 
     def __init__(self, number, session_id, plug_in_time, phases):
         self.id = session_id
@@ -89,6 +90,8 @@ class Session:
         self.fiscal_due_ms = None
         self.advertised_a = None
         self.uncertain_wh = 0  # energy that may have flowed across register faults, not billed
+        self.identification = None  # the bound tag (identification.identification_doc)
+        self.held_begin = None  # TX status of a begin document waiting for identification
 
     def flag(self, name):
         if name not in self.flags:
@@ -116,6 +119,7 @@ class Session:
             "events": self.events, "flags": self.flags, "documents": self.documents,
             "pending": self.pending, "last_reading": self.last_reading,
             "advertised_a": self.advertised_a, "uncertain_wh": self.uncertain_wh,
+            "identification": self.identification, "held_begin": self.held_begin,
         }
 
     @classmethod
@@ -134,6 +138,8 @@ class Session:
         for segment in session.segments:
             if not isinstance(segment["begin"]["energy_wh"], int):
                 raise TypeError("a segment without an integer begin register")
+        session.identification = doc.get("identification")
+        session.held_begin = doc.get("held_begin")
         return session
 
 
@@ -170,6 +176,7 @@ class SessionEngine:
         self.alarm = None  # alarm(type, active, values): meter_register_anomaly
         self._open_since_ms = None  # monotonic ms since when no current can flow
         self.completed = 0
+        self.identifier = None  # identification.IdentificationDesk, when the board has a reader
 
     # -- start-up --------------------------------------------------------------------
 
@@ -251,6 +258,11 @@ class SessionEngine:
             session.flag(name)
         self.session = session
         log.info("session %s: plug-in (pilot %s)" % (session.id, self.inputs.pilot))
+        if self.identifier is not None:
+            session.identification = self.identifier.claim_for_plug_in()
+            if session.identification is not None:
+                log.info("session %s: identified by tag %s tapped before plug-in"
+                         % (session.id, session.identification["uid"]))
         self._save(session)
         self._publish_session(session, "start")
         if self.begin_at == "plugin":
@@ -314,6 +326,8 @@ class SessionEngine:
             if usable and session.fiscal_due_ms is not None and reading.monotonic_ms >= session.fiscal_due_ms:
                 session.fiscal_due_ms = reading.monotonic_ms + self.fiscal_ms
                 self._sign_fiscal(session, reading)
+        if session.held_begin is not None and not self._identification_open(session):
+            self._release_begin(session)
         if not usable:
             return
         if session.pending is not None:
@@ -395,8 +409,11 @@ class SessionEngine:
     def _begin_segment(self, session, record, tx_status):
         session.segments.append({"begin": record, "end": None, "serial": record["serial"]})
         session.last_reading = record
-        self._sign(session, [(record, "B", tx_status)], "T")
         log.info("session %s: begin reading %d Wh (%s)" % (session.id, record["energy_wh"], record["ts"]))
+        if len(session.segments) == 1 and self._identification_open(session):
+            session.held_begin = tx_status  # signed once the tag is known or the window closes
+            return
+        self._sign(session, [(record, "B", tx_status)], "T")
         self._publish_session(session, "begin")
 
     def _register_problem(self, last, reading, last_power_w=None):
@@ -524,6 +541,8 @@ class SessionEngine:
 
     def _sign(self, session, entries, kind):
         """Sign readings ``[(record, tx, status)]`` as one OCMF document of the session."""
+        if kind == "T" and session.held_begin is not None:
+            self._release_begin(session)  # the begin document keeps its place in the pagination
         page = self.store.next_number("transaction_page" if kind == "T" else "fiscal_page")
         # The time-sync flag (S/U) in TM says whether the clock was synchronised when the
         # reading was taken; it travels with the reading into every document that repeats it.
@@ -534,7 +553,8 @@ class SessionEngine:
         payload = build_payload(
             ident["gateway_vendor"], ident["gateway_serial"], ident["gateway_version"],
             "%s%d" % (kind, page), ident["meter_vendor"], ident["meter_model"],
-            "UNKNOWN" if serial is None else str(serial), readings)
+            "UNKNOWN" if serial is None else str(serial), readings,
+            identification=ocmf_identification(session.identification) if kind == "T" else None)
         document = sign_document(payload, self.signer)
         session.documents.append(document)
         return document
@@ -605,10 +625,40 @@ class SessionEngine:
             "max_current_a": [None if c is None else round(c, 3) for c in session.max_current_a],
             "events": session.events,
             "flags": session.flags,
+            "identification": session.identification,
             "ocmf_begin": documents[0] if documents else None,
             "ocmf_end": documents[-1] if event == "end" and len(documents) > 1 else None,
             "ocmf_documents": documents,
         }
+
+    # -- identification --------------------------------------------------------------
+
+    def _identification_open(self, session):
+        """True while a tap may still identify ``session`` (reader present, no tag yet,
+        within ``identification.tap_after_s`` of plug-in)."""
+        return (self.identifier is not None and session.identification is None and session.unplug_time is None
+                and self.clock.time() - session.plug_in_time <= self.identifier.tap_after_s)
+
+    def identify(self, doc):
+        """A tag was tapped: bind it to the open session if that may still be identified.
+        False when there is no such session (the desk keeps the tap for the next plug-in)."""
+        session = self.session
+        if session is None or not self._identification_open(session):
+            return False
+        session.identification = doc
+        log.info("session %s: identified by tag %s (%s)" % (session.id, doc["uid"], doc["level"]))
+        if session.held_begin is not None:
+            self._release_begin(session)
+        self._save(session)
+        return True
+
+    def _release_begin(self, session):
+        """Sign the begin document that waited for the identification window."""
+        tx_status = session.held_begin
+        session.held_begin = None
+        self._sign(session, [(session.segments[0]["begin"], "B", tx_status)], "T")
+        self._publish_session(session, "begin")
+        self._save(session)
 
     def _publish_session(self, session, event):
         self.publish("session", self.record(session, event))

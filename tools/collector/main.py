@@ -196,6 +196,8 @@ def build_parser():
     report = _report_module()
     if report is not None:
         report.add_parser(subparsers)
+    from . import billing
+    billing.add_parser(subparsers)
     return parser, report
 
 

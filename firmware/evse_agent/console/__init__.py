@@ -22,7 +22,7 @@ package holds the line editor, the PIN lock, the task and ``help``/``unlock``/``
 ``restart``; each other group is a module whose functions become ``Console`` methods when
 one of its commands first runs — ``status`` (status, pilot), ``meter``, ``sessions``
 (session, sessions), ``records`` (events, journal, mqtt, log), ``settings`` (config),
-``selftest`` — and ``help`` holds every command's help text.
+``selftest``, ``identification`` (id) — and ``help`` holds every command's help text.
 
 The port hands in the serial line as a byte stream: ``await read(max_bytes, timeout_ms)``
 (b"" on timeout) and ``write(data)``, which never blocks (the port queues, and sends each
@@ -615,6 +615,7 @@ COMMANDS = (
     Command("mqtt", "records"),
     Command("config", "settings"),
     Command("selftest", "selftest"),
+    Command("id", "identification"),
     Command("log", "records"),
     Command("unlock", None),
     Command("lock", None),

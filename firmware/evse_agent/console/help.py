@@ -79,6 +79,12 @@ HELP = {
          "broker and receives it back, signs and verifies a test OCMF document, and",
          "writes, reads back and removes a probe file in the journal directory."),
     ),
+    "id": (
+        (("id", "RFID reader, allow-list, last tag", False),
+         ("id allow|deny <UID>", "change the allow-list until restart", True)),
+        ("The identification reader's state and counters, the allow-list and its",
+         "source, and the last tag. id allow / id deny change the running list."),
+    ),
     "log": (
         (("log [n]", "the last n log lines (20)", False),),
         ("The last n lines of the agent's log (at most %d are kept)." % log.RING_SIZE,),

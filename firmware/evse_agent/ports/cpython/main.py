@@ -119,6 +119,13 @@ def build_agent(config, clock, quiet=False, stream=None, pins=None):
                   on_reading=None if quiet else _print_reading)
     journal.alarm = agent.on_journal_alarm
     attach_charge_point(agent, store, signer, pins if pins is not None else pin_bank(config["io"]))
+    id_cfg = config["identification"]
+    if id_cfg["enabled"]:
+        from ...identification import attach_identification
+        if id_cfg["port"] is None:
+            raise ConfigError("identification.port: needed when identification.enabled is true")
+        # Opened by the reader task, and again after it was unplugged: never a reason not to start.
+        attach_identification(agent, SerialStream(id_cfg["port"], id_cfg["baudrate"], role="reader port"))
     return agent, publisher, stream, journal
 
 

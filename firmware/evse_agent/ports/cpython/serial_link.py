@@ -28,10 +28,11 @@ class SerialLinkError(ModbusError):
 
 
 class SerialStream:
-    """The byte stream ``RtuMaster`` expects, over a pyserial port."""
+    """The byte stream ``RtuMaster`` (and the RFID reader) expects, over a pyserial port."""
 
-    def __init__(self, port, baudrate=9600, parity="N", stopbits=1, must_exist=False):
+    def __init__(self, port, baudrate=9600, parity="N", stopbits=1, must_exist=False, role="meter port"):
         self.port = port
+        self.role = role  # what the device is, for messages: "meter port", "reader port"
         self._settings = {"baudrate": baudrate, "parity": _PARITY[parity], "stopbits": stopbits}
         self._serial = None
         self._fd = None
@@ -48,7 +49,7 @@ class SerialStream:
             self._serial = serial.Serial(
                 port=self.port, bytesize=8, timeout=0, write_timeout=2, exclusive=True, **self._settings)
         except (serial.SerialException, OSError, termios.error, ValueError) as error:
-            self._fail("cannot open meter port %s: %s" % (self.port, error))
+            self._fail("cannot open %s %s: %s" % (self.role, self.port, error))
         self._fd = self._serial.fileno()
         self.opened += 1
         self.last_error = None
@@ -68,14 +69,14 @@ class SerialStream:
         try:
             self._serial.write(data)
         except (serial.SerialException, OSError, termios.error) as error:
-            self._fail("meter port %s: write failed: %s" % (self.port, error))
+            self._fail("%s %s: write failed: %s" % (self.role, self.port, error))
 
     def reset_input(self):
         self._ready()
         try:
             self._serial.reset_input_buffer()
         except (serial.SerialException, OSError, termios.error) as error:
-            self._fail("meter port %s: %s" % (self.port, error))
+            self._fail("%s %s: %s" % (self.role, self.port, error))
 
     async def read(self, max_bytes, timeout_ms):
         """Up to ``max_bytes`` bytes; waits at most ``timeout_ms`` for the first (b"" if none).
@@ -113,7 +114,7 @@ class SerialStream:
         except BlockingIOError:
             return b""
         except OSError as error:
-            self._fail("meter port %s: read failed: %s" % (self.port, error))
+            self._fail("%s %s: read failed: %s" % (self.role, self.port, error))
 
     def close(self):
         handle = self._serial

@@ -122,6 +122,13 @@ def build(config, port, clock):
     agent = Agent(config, meter, outbox, clock, forwarder=forwarder)
     journal.alarm = agent.on_journal_alarm
     attach_charge_point(agent, store, signer, MachinePinBank(config["io"], port))
+    id_cfg = config["identification"]
+    if id_cfg["enabled"]:  # PN532 in HSU mode on its own UART
+        from ...identification import attach_identification
+        if None in (id_cfg["uart_id"], id_cfg["tx_pin"], id_cfg["rx_pin"]):
+            raise ConfigError("identification.uart_id, tx_pin and rx_pin are needed when enabled")
+        attach_identification(agent, UartStream(id_cfg["uart_id"], id_cfg["baudrate"], "N", 1,
+                                                id_cfg["tx_pin"], id_cfg["rx_pin"]))
     return agent, publisher, journal
 
 
