@@ -591,3 +591,28 @@ def poll_cycles(cs):
 def epoch_of(ts):
     """Epoch seconds of an agent timestamp (``2026-11-25T06:50:01.123Z``)."""
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def test_wrong_pin_back_off_survives_a_restart(console_station, broker, agent_process):
+    """A restart gives no fresh fast tries: the wrong PINs before it still count, so the next
+    wrong PIN after it waits as the third in a row would (4 s), not as a first (1 s)."""
+    cs = console_station()
+    assert cs.command("unlock 9999").strip() == "error: wrong PIN; next try in 1 s"
+    assert wait_for(lambda: cs.command("unlock 9999").strip() == "error: wrong PIN; next try in 2 s", 60,
+                    interval_s=0.3)
+    cs.agent.stop()
+    cs.terminal.close()
+    assert not os.path.exists(cs.link)  # a clean stop removes its console link
+    cs.agent = agent_process(broker, cs.meter.device, *(FAST + ("--set", "console.pty_link=" + cs.link)),
+                             board=cs.board)
+    assert wait_for(lambda: os.path.exists(cs.link), 60), cs.agent.log()
+    cs.terminal = Terminal(cs.link)
+    assert cs.agent.wait_for_log("2 wrong PIN(s) before the restart", timeout_s=60), cs.agent.log()
+    replies = []
+
+    def third_try():
+        replies.append(cs.command("unlock 9999").strip())
+        return not replies[-1].startswith("error: unlock refused")
+    assert wait_for(third_try, 60, interval_s=0.3)
+    assert replies[-1] == "error: wrong PIN; next try in 4 s", replies
+    assert all(r.endswith("after 2 wrong PIN(s)") for r in replies[:-1]), replies

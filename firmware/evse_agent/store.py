@@ -24,6 +24,7 @@ from .journal import EVENT, SESSION
 
 COUNTERS = "counters.json"
 OPEN_SESSION = "open-session.json"
+CONSOLE_LOCK = "console-lock.json"  # the console's wrong-PIN back-off, across restarts
 
 
 class StateStore:
@@ -109,6 +110,24 @@ class StateStore:
                                                   "raised": changed}))
             self._save_counters()
         return changed
+
+    def load_pin_backoff(self):
+        """``(failures, retry_at)`` of the console's PIN lock as last saved: wrong PINs in a
+        row and the wall-clock time (epoch s) before which no PIN is tried; (0, 0.0) if none."""
+        doc = self._load(CONSOLE_LOCK) or {}
+        failures, retry_at = doc.get("failures"), doc.get("retry_at")
+        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0 \
+                or isinstance(retry_at, bool) or not isinstance(retry_at, (int, float)):
+            return 0, 0.0
+        return failures, float(retry_at)
+
+    def save_pin_backoff(self, failures, retry_at):
+        """Keep the PIN back-off, so that a restart gives no fresh fast tries. A refusing
+        disk is logged; the back-off then holds until the next restart only."""
+        try:
+            self.fs.write_atomic(CONSOLE_LOCK, json.dumps({"failures": failures, "retry_at": retry_at}).encode())
+        except OSError as error:
+            log.error("cannot save %s (%s); PIN back-off kept in memory" % (CONSOLE_LOCK, error))
 
     def load_open_session(self):
         """The open session's saved document (or the one rebuilt from the journal), or None."""

@@ -12,8 +12,9 @@ finished sessions are read back from the journal.
 - ``PinLock``: read-only commands are open; changing settings and restarting need
   ``unlock <PIN>``. The board file holds only a salted SHA-256 of the PIN
   (``console.pin_hash``). Each wrong PIN doubles the wait before the next try (1 s, 2 s,
-  4 s ... up to 5 min) and is reported as a ``console_unlock_failed`` event. The console
-  locks again after ``console.lock_after_s`` without input.
+  4 s ... up to 5 min) and is reported as a ``console_unlock_failed`` event; the count and
+  the wait are kept in the state directory, so a restart gives no fresh fast tries. The
+  console locks again after ``console.lock_after_s`` without input.
 - ``Console``: the command table and one task (``run``). A command that waits (a meter
   read, the selftest) awaits like any other task, so the poller never waits for the console.
 
@@ -434,6 +435,7 @@ class Console:
         self.publisher = agent.outbox.publisher
         self.editor = LineEditor(config["max_line"])
         self.lock = PinLock(config["pin_hash"], config["lock_after_s"], self.clock.monotonic_ms())
+        self._restore_backoff()
         self.commands = COMMANDS
         self.names = tuple(command.name for command in COMMANDS)
         self.reading_pin = False
@@ -560,6 +562,33 @@ class Console:
         self._check_unlock_allowed()
         self.reading_pin = self.editor.mask = True
 
+    def _store(self):
+        """The agent's durable state store (None on an agent without a session engine)."""
+        engine = self.agent.engine
+        store = getattr(engine, "store", None) if engine is not None else None
+        return store if hasattr(store, "save_pin_backoff") else None
+
+    def _restore_backoff(self):
+        """Wrong PINs before a restart still count: the wait goes on where it was (never
+        longer than the longest wait, should the wall clock have jumped)."""
+        store = self._store()
+        if store is None:
+            return
+        failures, retry_at = store.load_pin_backoff()
+        if not failures:
+            return
+        wait_s = min(MAX_DELAY_S, max(0.0, retry_at - self.clock.time()))
+        self.lock.failures = failures
+        self.lock.retry_at_ms = self.clock.monotonic_ms() + int(wait_s * 1000)
+        log.warning("console: %d wrong PIN(s) before the restart; next try in %d s" % (failures, wait_s))
+
+    def _save_backoff(self):
+        store = self._store()
+        if store is not None:
+            lock = self.lock
+            wait_s = lock.wait_s(self.clock.monotonic_ms())
+            store.save_pin_backoff(lock.failures, self.clock.time() + wait_s if lock.failures else 0.0)
+
     def _check_unlock_allowed(self):
         lock = self.lock
         if lock.pin_hash is None:
@@ -572,12 +601,16 @@ class Console:
         self._check_unlock_allowed()
         lock = self.lock
         now = self.clock.monotonic_ms()
+        failed_before = lock.failures
         if lock.try_pin(pin, now):
             log.info("console: unlocked")
+            if failed_before:
+                self._save_backoff()
             self._say("unlocked; 'lock' locks again, or %d s without input" % (lock.lock_after_ms // 1000))
             return
         wait = lock.wait_s(now)
         log.warning("console: wrong PIN (%d in a row)" % lock.failures)
+        self._save_backoff()
         monitor = self.agent.monitor
         if monitor is not None:
             monitor.notice("console_unlock_failed", {"failures": lock.failures, "retry_after_s": wait})
