@@ -57,6 +57,7 @@ def test_absurd_value_is_refused_naming_the_setting(path, value, words):
     ({"journal.max_bytes": 2 << 20, "journal.segment_bytes": 3 << 20},
      "journal.segment_bytes", "journal.max_bytes"),
     ({"mqtt.tls.cert_file": "/etc/ssl/client.pem"}, "mqtt.tls", "key_file"),
+    ({"identification.enabled": True}, "identification.port", "identification.enabled"),
 ])
 def test_contradicting_settings_are_refused_naming_both(changes, first, second):
     doc = json.loads(json.dumps(MINIMAL))

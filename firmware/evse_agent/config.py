@@ -453,6 +453,10 @@ def _check_rules(config):
         raise ConfigError("events.phase_loss_v: %s is not below events.voltage_min_v %s "
                           "(a phase in the normal band would count as lost)"
                           % (events["phase_loss_v"], events["voltage_min_v"]))
+    identification = config["identification"]
+    if identification["enabled"] and identification["port"] is None and identification["uart_id"] is None:
+        raise ConfigError("identification.port: needed when identification.enabled is true "
+                          "(the reader's serial device; identification.uart_id on MicroPython)")
     tls = config["mqtt"]["tls"]
     if (tls["cert_file"] is None) != (tls["key_file"] is None):
         raise ConfigError("mqtt.tls: cert_file and key_file go together (client certificate "

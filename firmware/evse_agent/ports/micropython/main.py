@@ -106,16 +106,18 @@ def build(config, port, clock):
     signer = file_key_signer(config["signing"]["key_file"], _write_atomic)
     if signer.created:
         log.info("created the station key %s; public key %s" % (config["signing"]["key_file"], signer.public_key_hex()))
-    store = StateStore(state_fs)
+    journal_cfg = config["journal"]
+    # The journal's directory keeps a second copy of the counters (see store.py).
+    store = StateStore(state_fs, FileSystem(journal_cfg["dir"]))
     stream = UartStream(port["uart_id"], meter_cfg["baudrate"], meter_cfg["parity"], meter_cfg["stopbits"],
                         port["tx_pin"], port["rx_pin"], port["de_pin"], port["de_active_high"])
     master = RtuMaster(stream, clock, meter_cfg["baudrate"], meter_cfg["timeout_ms"], meter_cfg["retries"])
     meter = ModbusMeter(master, model, meter_cfg["unit_id"], clock, meter_cfg["offline_after"])
     topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
     publisher = MqttPublisher(config["mqtt"], topics.status, clock)
-    journal_cfg = config["journal"]
     journal = Journal(FileSystem(journal_cfg["dir"]), journal_cfg, clock)
     journal.recover()
+    store.recover_from_journal(journal)
     forwarder = Forwarder(journal, publisher, topics, clock, journal_cfg["window"])
     publisher.on_activity = forwarder.wake
     outbox = Outbox(publisher, config["station_id"], journal, forwarder)
