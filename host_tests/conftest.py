@@ -1,5 +1,6 @@
 """Shared fixtures: a real mosquitto, the pty meter simulator, and the agent as a process."""
 
+import contextlib
 import logging
 import os
 import signal
@@ -150,3 +151,19 @@ def agent_process(station_dir):
     for agent in running:
         if agent.alive():
             agent.stop()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, size):
+    """A real small file system of ``size`` (e.g. "128k") mounted at ``path`` for a disk-full
+    test (root only: the test is skipped, saying why, where mounting is not allowed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", str(path)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)

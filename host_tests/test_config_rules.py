@@ -17,13 +17,8 @@ MINIMAL = {"station_id": "st-1", "meter": {"model": "sdm630", "port": "/dev/ttyU
 
 
 def _with(path, value):
-    doc = json.loads(json.dumps(MINIMAL))
-    node = doc
-    parts = path.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return doc
+    """MINIMAL with one setting (dotted path) set."""
+    return _with_doc(json.loads(json.dumps(MINIMAL)), path, value)
 
 
 def _refusal(doc):

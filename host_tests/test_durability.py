@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SIM_BOARD, station_args, wait_for
+from conftest import ROOT, SIM_BOARD, mounted_tmpfs, station_args, wait_for
 from evse_agent import journal as journal_mod
 from evse_tools import ocmf_verify
 from evse_tools.broker import Mosquitto
@@ -499,17 +499,8 @@ def test_agent_killed_100_times_loses_and_alters_nothing(broker, vehicle_and_met
 @pytest.fixture
 def small_tmpfs(station_dir):
     """A 128 KiB tmpfs mounted at the station's journal directory (root only)."""
-    path = station_dir / "journal"
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(path)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
-    try:
+    with mounted_tmpfs(station_dir / "journal", "128k") as path:
         yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def fill(directory, name="filler"):

@@ -12,14 +12,12 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import wait_for
+from conftest import mounted_tmpfs
 from evse_agent import journal as journal_mod
 from evse_agent.journal import EVENT, SESSION, Journal
 from evse_agent.ports.cpython.fs import FileSystem
@@ -234,17 +232,8 @@ def test_damaged_state_files_are_recovered_from_the_journal(broker, collector, m
 @pytest.fixture
 def shared_tmpfs(station_dir):
     """One 256 KiB tmpfs holding both the journal and the state directory (root only)."""
-    path = station_dir / "data"
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here: %s" % result.stderr.strip())
-    try:
+    with mounted_tmpfs(station_dir / "data", "256k") as path:
         yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def _fill(directory):
