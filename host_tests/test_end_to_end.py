@@ -1,7 +1,6 @@
 """End to end: evse-agent on boards/sim.json -> real mosquitto -> a paho subscriber."""
 
 import struct
-import time
 from datetime import datetime
 
 import pytest

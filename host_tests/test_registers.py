@@ -5,7 +5,7 @@ import struct
 from fractions import Fraction
 
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from evse_agent.meter_models import ABB_B23, SDM120, SDM630
 from evse_agent.registers import (

@@ -9,7 +9,6 @@ fails after a one-byte change.
 import json
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 
 import pytest

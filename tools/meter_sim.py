@@ -38,7 +38,7 @@ from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from evse_agent.meter_models import model_named
-from evse_agent.registers import FLOAT32, FN_READ_HOLDING, FN_READ_INPUT, INVALID_PATTERN
+from evse_agent.registers import FLOAT32, FN_READ_HOLDING, FN_READ_INPUT
 
 from .pty_link import PtyLink
 
