@@ -18,7 +18,7 @@ import asyncio
 import json
 import struct
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from evse_agent.config import validate
@@ -170,6 +170,10 @@ def run_session(rig, charge_steps, pause_steps, reset_at=None):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(charge=st.lists(step_st, min_size=1, max_size=30).filter(transient),
        pause=st.lists(idle_step_st, max_size=4).filter(transient))
+# The power fell to 0 W while the register read NaN: a 20 Wh nudge after it is not charging,
+# however much power the last good reading before the NaNs showed.
+@example(charge=[(1, 11040.0, None), (1, 0.0, "nan"), (1, 0.0, "nan")],
+         pause=[(1, 0.0, "nan"), (1, 0.0, "nudge")])
 def test_transient_register_faults_bill_exactly_the_true_rise(tmp_path_factory, charge, pause):
     rig = Rig(tmp_path_factory.mktemp("rig"))
     begin_true, end_true = run_session(rig, charge, pause)

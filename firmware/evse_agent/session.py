@@ -15,7 +15,7 @@ next good one (flagged ``begin_delayed`` / ``end_delayed`` if the meter was offl
 
 Billing follows the register's true monotonic progress. The engine keeps an anchor, the
 last reading that continued the register plausibly (never backwards, never more than a
-charge point could draw since, nor what the measured power allows between close readings).
+charge point could draw since, nor what the power measured since then allows).
 A reading that does not (``register_backwards`` / ``register_jump``) is held as suspect
 and used for nothing, and ``meter_register_anomaly`` is raised. If the register comes back to plausible progress from the anchor, the excursion
 was a glitch: the segment simply goes on, so a dip and recovery costs nothing and the energy
@@ -173,6 +173,11 @@ class SessionEngine:
         self.anchor = None  # record of the last reading that continued the register plausibly
         self.suspect = None  # readings that did not: {"problem", "first", "last", "count", "power_w"}
         self._anchor_power_w = None
+        # What the measured power allows the register to have counted since the anchor (Wh),
+        # summed over every reading since (also those whose register was unusable: their
+        # power is still a measurement); None while a gap was not measured.
+        self._measured_wh = None
+        self._previous_power = None  # (time, power_w) of the latest reading
         self.alarm = None  # alarm(type, active, values): meter_register_anomaly
         self._open_since_ms = None  # monotonic ms since when no current can flow
         self.completed = 0
@@ -416,12 +421,12 @@ class SessionEngine:
         self._sign(session, [(record, "B", tx_status)], "T")
         self._publish_session(session, "begin")
 
-    def _register_problem(self, last, reading, last_power_w=None):
+    def _register_problem(self, last, reading, measured_wh=None):
         """Why ``reading`` cannot continue the register from record ``last``, or None.
 
-        The rise may not exceed what the charge point could draw since ``last``; between
-        readings close together (within ``REGISTER_CONFIRM_S``) whose power is known
-        (``last_power_w`` and the reading's), not what the measured power allows either."""
+        The rise may not exceed what the charge point could draw since ``last``, nor, when
+        every step since was measured (``measured_wh``, see ``_measure_power``), what the
+        measured power allows."""
         if last["serial"] is not None and reading.serial is not None and reading.serial != last["serial"]:
             return "meter_replaced"
         if reading.energy_wh < last["energy_wh"]:
@@ -432,12 +437,9 @@ class SessionEngine:
         dt_s = max(0.0, reading.time - last["time"])
         resolution_wh = (reading.energy_resolution_mwh or 0) / 1000.0
         allowed = self.max_power_w * dt_s / 3600.0 + 10 + resolution_wh
-        power_w = reading.power_total
-        if last_power_w is not None and power_w is not None and dt_s <= REGISTER_CONFIRM_S:
-            # The register integrates the power between two samples: at most the larger one,
-            # with room for ripple, a rounding Wh and the register's steps.
-            measured_w = max(last_power_w, power_w, 0.0) * MEASURED_POWER_FACTOR + MEASURED_POWER_MARGIN_W
-            allowed = min(allowed, measured_w * dt_s / 3600.0 + 1 + 2 * resolution_wh)
+        if measured_wh is not None:
+            # With room for a rounding Wh and the register's steps at both ends.
+            allowed = min(allowed, measured_wh + 1 + 2 * resolution_wh)
         if reading.energy_wh - last["energy_wh"] > allowed:
             return "register_jump"
         return None
@@ -445,11 +447,12 @@ class SessionEngine:
     def _check_register(self, reading):
         """True when the reading's register may be used (it continues the anchor, or a new
         level is confirmed now); False for a reading without register or a suspect one."""
+        self._measure_power(reading)
         if reading.energy_wh is None:
             return False
         record = _reading_record(reading, self.clock.synced())
         anchor = self.anchor
-        problem = None if anchor is None else self._register_problem(anchor, reading, self._anchor_power_w)
+        problem = None if anchor is None else self._register_problem(anchor, reading, self._measured_wh)
         suspect = self.suspect
         if problem is None:
             if suspect is not None:
@@ -486,9 +489,29 @@ class SessionEngine:
             return True
         return False
 
+    def _measure_power(self, reading):
+        """Add what the measured power allows over the step since the previous reading: the
+        register integrates the power between two samples, so at most the larger one, with
+        room for ripple (``MEASURED_POWER_FACTOR`` and ``_MARGIN_W``). A step longer than
+        ``REGISTER_CONFIRM_S`` or without a power value is not measured: from then on only
+        the charge point's maximum bounds the rise, until the next anchor."""
+        previous = self._previous_power
+        power_w = reading.power_total
+        self._previous_power = (reading.time, power_w)
+        if self._measured_wh is None or previous is None:
+            return
+        dt_s = reading.time - previous[0]
+        if power_w is None or previous[1] is None or dt_s < 0 or dt_s > REGISTER_CONFIRM_S:
+            self._measured_wh = None
+            return
+        step_w = max(previous[1], power_w, 0.0) * MEASURED_POWER_FACTOR + MEASURED_POWER_MARGIN_W
+        self._measured_wh += step_w * dt_s / 3600.0
+
     def _set_anchor(self, record, power_w):
         self.anchor = record
         self._anchor_power_w = power_w
+        self._measured_wh = 0.0
+        self._previous_power = (record["time"], power_w)
         for session in self._open_segments():
             session.last_reading = record
 
