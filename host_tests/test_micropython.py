@@ -400,7 +400,10 @@ def test_mpremote_takes_the_board_back_from_the_console(image, tmp_path):
     command = mpy_unix.micropython_command() + [
         "-i", "-X", "heapsize=%d" % (os.path.getsize(image) + 64 * 1024 * 8), mpy_unix.ROMBOOT, image,
         os.path.join(SCENARIOS, "repl_console.py"), str(tmp_path)]
-    board = open(link.device_a, "r+b", buffering=0)
+    # O_NOCTTY: a test process that leads its own session (``make test-loaded`` starts the
+    # suite so) would otherwise take this pty as its controlling terminal, and get SIGHUP
+    # when the link closes.
+    board = os.fdopen(os.open(link.device_a, os.O_RDWR | os.O_NOCTTY), "r+b", buffering=0)
     errors = open(tmp_path / "stderr", "wb")
     agent = subprocess.Popen(command, stdin=board, stdout=board, stderr=errors, cwd=SCENARIOS)
     try:
