@@ -132,12 +132,18 @@ def cycle_time_figures(baudrates=(9600, 38400), cycles=40):
     return figures
 
 
-def micropython_poll(model_name, baudrate, cycles, timeout_s=300):
+def micropython_poll(model_name, baudrate, cycles, timeout_s=300, hold=False, load_amps=None):
     """Run ``tools/unix_board/poll_cycle.py`` under the MicroPython unix port against the
-    simulated meter: (median ms, p95 ms, the program's ``poll`` lines, the simulator)."""
+    simulated meter: (median ms, p95 ms, the program's ``poll`` lines, the simulator).
+    ``hold`` freezes the simulated values (at ``load_amps`` per phase when given), so every
+    poll must read the same ones."""
     from .mpy_agent import BOARD_DIR, CODE_DIR, micropython_command
     sim = MeterSimulator(model_name, baudrate=baudrate)
+    if load_amps is not None:
+        sim.set_load(load_amps)
+        sim.physics.update()
     device = sim.start()
+    sim.set_hold(hold)
     try:
         env = dict(os.environ, MICROPYPATH=os.pathsep.join([BOARD_DIR, CODE_DIR, ".frozen"]), EVSE_UART1=device)
         run = subprocess.run(micropython_command() + [os.path.join(BOARD_DIR, "poll_cycle.py"), model_name,
