@@ -7,7 +7,10 @@
   cycle's bytes (bytes x 11 / baud). Beside it, the line's floor: wire time plus the
   3.5-character silence the protocol demands between transactions, plus the simulated
   meter's measured turnaround per transaction (time from the request's last byte to the
-  response's first byte, less the wire).
+  response's first byte, less the wire);
+- the same poll cycle under the MicroPython unix port (``tools/unix_board/poll_cycle.py``:
+  the host board's ``machine.UART`` and the port's ``UartStream``), against the same wire
+  time, computed here, and the CPython median of the same run.
 """
 
 import asyncio
