@@ -7,7 +7,10 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
   maximal run of contiguous registers (``bench_poll``);
 - poll cycle time over a pty relay that paces bytes at 9600 and 38400 baud, against the
   wire time of the cycle's bytes, and against the line's floor: wire time plus the
-  3.5-character silences the protocol demands and the simulated meter's turnaround;
+  3.5-character silences the protocol demands and the simulated meter's turnaround; the
+  same under the MicroPython unix port (``tools/unix_board/poll_cycle.py``: the host
+  board's ``machine.UART`` and the port's ``UartStream``), against the same wire time and
+  the CPython median of the run;
 - pilot change -> session message and telemetry sample -> subscriber, p50/p99, on a real
   mosquitto, against the round trip of a bare paho publish -> subscribe (``bench_latency``);
 - journal: durable append rate, session-record-sized records fsync'ed before ``append``
@@ -62,7 +65,7 @@ from evse_agent import log
 from .bench_cpu import cpu_figures
 from .bench_latency import latency_figures
 from .bench_monitoring import monitoring_figures, monitoring_rows
-from .bench_poll import cycle_time_figures, request_figures
+from .bench_poll import cycle_time_figures, micropython_cycle_figures, request_figures
 from .broker import Mosquitto
 from .fleet_sim import fleet_table, run_fleets
 from .subscriber import Collector
@@ -381,6 +384,16 @@ def _table(results):
                           cycle["ratio"]))
         lines.append(_row("  against the line's floor (silences, meter turnaround)", "",
                           "floor %.1f ms" % cycle["floor_ms"], cycle["ratio_to_floor"]))
+    for cycle in results.get("poll_cycle_micropython") or ():
+        if "error" in cycle:
+            lines.append(_row("MicroPython unix poll cycle", cycle["error"][:60]))
+            continue
+        lines.append(_row("MicroPython unix: %s poll cycle at %d baud (median)" % (cycle["model"], cycle["baudrate"]),
+                          "%.1f ms" % cycle["cycle_ms_median"], "wire %.1f ms" % cycle["wire_ms"], cycle["ratio"]))
+        if "cpython_ms_median" in cycle:
+            lines.append(_row("  p95 %.1f ms; against CPython, same run" % cycle["cycle_ms_p95"], "",
+                              "CPython %.1f ms" % cycle["cpython_ms_median"],
+                              cycle["cycle_ms_median"] / cycle["cpython_ms_median"]))
     latency = results.get("latency")
     if latency:
         rtt1, rtt0 = latency["paho_rtt_qos1"], latency["paho_rtt_qos0"]
@@ -479,6 +492,10 @@ def main(argv=None):
                    "modbus_requests": request_figures(),
                    "poll_cycle": cycle_time_figures(),
                    "durable_append": bench_durable_append(workdir)}
+        try:
+            results["poll_cycle_micropython"] = micropython_cycle_figures(results["poll_cycle"])
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            results["poll_cycle_micropython"] = [{"error": str(error)}]
         with Mosquitto() as broker:
             results["latency"] = latency_figures(broker, workdir, plugs=50 if args.quick else 150)
             results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
