@@ -34,6 +34,9 @@ PWM_PERIOD_US = 1000
 PWM_EVERY_MS = 20
 _VMIN = 6
 _VTIME = 5
+# The unix port's termios offers only these of the meter speeds (no B19200 or B38400): other
+# speeds set 9600 on the pty, which does not pace anything; the meter simulator's pty link
+# paces the line at the board's true baud rate.
 _BAUD = {9600: termios.B9600, 57600: termios.B57600, 115200: termios.B115200}
 
 _pins = {"pilot_v": 12.0, "duty_pct": 100.0, "contactor_command": False, "contactor_feedback": False}
