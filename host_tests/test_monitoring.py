@@ -218,9 +218,11 @@ def test_agent_started_beside_a_charging_car_begins_from_the_first_reading_at_no
     times = sorted(_epoch(m.body["sample_ts"]) for m in collector.on("telemetry"))
     assert len(times) >= 8
     gaps = [b - a for a, b in zip(times, times[1:])]
-    # Back-to-back polls of this map take ~0.15 s; at its interval (0.5 s) all but the one
-    # early reading the begin asked for are a poll apart.
-    assert sum(1 for gap in gaps if gap < 0.3) <= 1, gaps
+    # Back-to-back polls of this map take ~0.15 s. At its interval (0.5 s) there are no more
+    # readings than the time they span allows, plus the one early reading the begin asked
+    # for (counted, not timed: on a busy machine a late poll leaves a short gap after it).
+    span = times[-1] - times[0]
+    assert len(gaps) <= span / 0.5 + 2, gaps
     assert all(m.body["stale"] is False for m in collector.on("telemetry"))
 
 
