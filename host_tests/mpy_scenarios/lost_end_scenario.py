@@ -13,9 +13,8 @@ import json
 import harness
 from fakes import FakeClock, Pins, Publisher, RegisterMeter
 from evse_agent import log
-from evse_agent.config import validate
 from evse_agent.journal import EVENT, SESSION
-from session_scenario import POWER_W, Station
+from session_scenario import POWER_W, Station, station_config
 
 
 class Refusal:
@@ -51,15 +50,7 @@ def _faults(station):
 
 async def run(name, error):
     root = harness.workdir(name)
-    config = validate({
-        "station_id": "mpy-002",
-        "meter": {"model": "sdm630", "port": "uart2", "timeout_ms": 100, "retries": 1},
-        "io": {"pilot": {"sample_ms": 100, "debounce_ms": 200},
-               "contactor": {"command_line": 25, "feedback_line": 26}},
-        "journal": {"dir": root + "/journal", "max_bytes": 65536, "reserve_bytes": 8192,
-                    "segment_bytes": 8192, "aggregate_interval_s": 10, "window": 8},
-        "session": {"state_dir": root + "/state"},
-    })
+    config = station_config(root, "mpy-002")
     clock = FakeClock()
     image = RegisterMeter()
     for i in range(3):

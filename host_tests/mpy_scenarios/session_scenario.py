@@ -77,12 +77,10 @@ class Station:
             self.outbox.record(3, finished)
 
 
-async def main():
-    log.set_sink(None)
-    harness.mark_loaded()  # the code is loaded: from here on the scenario's data only
-    root = harness.workdir("station")
-    config = validate({
-        "station_id": "mpy-001",
+def station_config(root, station_id):
+    """The scenario station's board: an SDM630, contactor lines, a small journal in ``root``."""
+    return validate({
+        "station_id": station_id,
         "meter": {"model": "sdm630", "port": "uart2", "timeout_ms": 100, "retries": 1},
         "io": {"pilot": {"sample_ms": 100, "debounce_ms": 200},
                "contactor": {"command_line": 25, "feedback_line": 26}},
@@ -90,6 +88,13 @@ async def main():
                     "segment_bytes": 8192, "aggregate_interval_s": 10, "window": 8},
         "session": {"state_dir": root + "/state"},
     })
+
+
+async def main():
+    log.set_sink(None)
+    harness.mark_loaded()  # the code is loaded: from here on the scenario's data only
+    root = harness.workdir("station")
+    config = station_config(root, "mpy-001")
     clock = FakeClock()
     image = RegisterMeter()
     for i in range(3):
