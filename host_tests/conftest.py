@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from evse_tools.broker import Mosquitto
-from evse_tools.meter_sim import MeterSimulator
-from evse_tools.subscriber import Collector
+from evse_tools.testkit.broker import Mosquitto
+from evse_tools.sim.meter_sim import MeterSimulator
+from evse_tools.testkit.subscriber import Collector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIM_BOARD = os.path.join(ROOT, "boards", "sim.json")

@@ -2,7 +2,7 @@
 vehicle and meter simulators by a real evse-agent process, published through a real
 mosquitto into the collector, billed per driver. Totals equal the meter's ground truth to
 the Wh and the cent; every bundle is verified by code other than the signer (pyocmf's
-Transparenzsoftware XML reader and tools/ocmf_verify)."""
+Transparenzsoftware XML reader and tools/cli/ocmf_verify)."""
 
 import datetime
 import json
@@ -18,15 +18,15 @@ from paho.mqtt import publish
 from pyocmf.utils.xml import OcmfContainer
 
 from conftest import wait_for
-from evse_tools import ocmf_verify
+from evse_tools.cli import ocmf_verify
 from evse_tools.collector import billing
 from evse_tools.collector.keys import register_key
 from evse_tools.collector.service import BrokerSettings, CollectorService
 from evse_tools.collector.store import open_store
-from evse_tools.reader_sim import ReaderSimulator
+from evse_tools.sim.reader_sim import ReaderSimulator
 from test_billing import expected_cents
 from test_sessions import FAST, public_key
-from evse_tools.vehicle_sim import VehicleSim
+from evse_tools.sim.vehicle_sim import VehicleSim
 
 DRIVERS = {"04A1B2C3D4E5F6": ("Ada", 3950), "0A0B0C0D": ("Bo", 2999), "CAFEF00D": ("Cy", 4100)}
 STRANGER = "04DEADBEEF0001"  # a tag no driver has, and not on the station's allow-list

@@ -33,14 +33,14 @@ from evse_agent.ports.cpython.signer import FileKeySigner
 from evse_agent.reading import Reading
 from evse_agent.session import SessionEngine
 from evse_agent.store import StateStore
-from evse_tools.broker import Mosquitto
+from evse_tools.testkit.broker import Mosquitto
 from evse_tools.collector.ingest import Ingestor, Message
 from evse_tools.collector.keys import pem_of, register_key
 from evse_tools.collector.main import main as collector_main
 from evse_tools.collector.main import status_doc
 from evse_tools.collector.service import BrokerSettings, CollectorService
 from evse_tools.collector.store import SQLITE_BUSY_TIMEOUT_MS, open_store
-from evse_tools.postgres import PostgresCluster, find_bin_dir
+from evse_tools.testkit.postgres import PostgresCluster, find_bin_dir
 from test_session_engine import Clock, Meter
 
 SERIAL = 12345678

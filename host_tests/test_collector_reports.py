@@ -1,6 +1,6 @@
 """Fleet reports against a week whose right answers are known exactly.
 
-Once per module: ``evse_tools.fleet_week`` runs four stations' real agent cores through a
+Once per module: ``evse_tools.sim.fleet_week`` runs four stations' real agent cores through a
 simulated week (Monday 2026-11-23 to Monday 2026-11-30 UTC) and their forwarders publish it
 through a real mosquitto; two collectors (``CollectorService``) store it, one in SQLite and
 one in PostgreSQL; the stations' public keys are then registered from the PEM files the
@@ -21,14 +21,14 @@ import time
 
 import pytest
 
-from evse_tools import fleet_week
-from evse_tools.broker import Mosquitto
+from evse_tools.sim import fleet_week
+from evse_tools.testkit.broker import Mosquitto
 from evse_tools.collector import report
 from evse_tools.collector.keys import register_key_dir
 from evse_tools.collector.main import main as collector_main
 from evse_tools.collector.service import BrokerSettings, CollectorService
 from evse_tools.collector.store import open_store
-from evse_tools.postgres import PostgresCluster
+from evse_tools.testkit.postgres import PostgresCluster
 
 WEEK = ("--since", "2026-11-23", "--until", "2026-11-30")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

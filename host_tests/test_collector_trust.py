@@ -13,10 +13,10 @@ import paho.mqtt.client as paho
 import pytest
 
 from conftest import wait_for
-from evse_tools.broker import Mosquitto
+from evse_tools.testkit.broker import Mosquitto
 from evse_tools.collector.ingest import MAX_SEQ_AHEAD, Ingestor, Message
 from evse_tools.collector.store import open_store
-from evse_tools.subscriber import Collector
+from evse_tools.testkit.subscriber import Collector
 
 ACL = ["pattern readwrite evse/%u/#", "pattern write homeassistant/+/%u/#",
        "pattern read homeassistant/status", "user collector", "topic read evse/#"]

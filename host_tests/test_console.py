@@ -29,7 +29,7 @@ from evse_agent.console import CommandError, Console, LineEditor, PinLock, match
 from evse_agent.journal import AGGREGATE, EVENT, Journal, scan
 from evse_agent.messages import Outbox, iso_utc
 from evse_agent.ports.cpython.fs import FileSystem
-from evse_tools.vehicle_sim import VehicleSim
+from evse_tools.sim.vehicle_sim import VehicleSim
 from test_sessions import FAST, public_key, verify_ocmf
 
 SIM_PIN = "1234"  # boards/sim.json's console.pin_hash is this PIN's

@@ -1,4 +1,4 @@
-"""Fleet side of promise 2: de-duplication and gap detection by seq (tools/consumer), fed
+"""Fleet side of promise 2: de-duplication and gap detection by seq (tools/collector/consumer), fed
 by a real journal; and the journal tool's ``verify`` on journals holding real signed OCMF
 documents (promise 1: a changed signed reading is caught even when its frame's CRC is
 made to match).
@@ -19,8 +19,8 @@ from evse_agent.messages import Outbox, Topics, iso_utc
 from evse_agent.ocmf import OcmfReading, build_payload, sign_document
 from evse_agent.ports.cpython.fs import FileSystem
 from evse_agent.ports.cpython.signer import FileKeySigner
-from evse_tools import journal_tool
-from evse_tools.consumer import SequenceTracker
+from evse_tools.cli import journal_tool
+from evse_tools.collector.consumer import SequenceTracker
 from test_journal import EPOCH, Clock
 
 CONFIG = {"max_bytes": 1 << 20, "reserve_bytes": 4096, "segment_bytes": 64 * 1024,

@@ -7,7 +7,7 @@ from conftest import ROOT
 
 
 def test_demo_runs_the_scenario_and_reports_a_clean_finish():
-    result = subprocess.run([sys.executable, "-m", "evse_tools.demo", "--seconds", "12"],
+    result = subprocess.run([sys.executable, "-m", "evse_tools.cli.demo", "--seconds", "12"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr

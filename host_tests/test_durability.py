@@ -3,7 +3,7 @@ crashes (kill -9) and a full disk.
 
 Every scenario runs the real evse-agent process against the pty meter simulator, the vehicle
 simulator's pin file and real mosquitto processes. A consumer de-duplicates the journaled
-records (session, event, aggregate) by ``seq`` with tools/consumer.SequenceTracker and keeps
+records (session, event, aggregate) by ``seq`` with tools/collector/consumer.SequenceTracker and keeps
 the first payload of each seq, so a redelivery with different content is caught.
 """
 
@@ -21,11 +21,11 @@ import pytest
 
 from conftest import ROOT, SIM_BOARD, mounted_tmpfs, station_args, wait_for
 from evse_agent import journal as journal_mod
-from evse_tools import ocmf_verify
-from evse_tools.broker import Mosquitto
-from evse_tools.consumer import SequenceTracker
-from evse_tools.subscriber import Collector
-from evse_tools.vehicle_sim import VehicleSim
+from evse_tools.cli import ocmf_verify
+from evse_tools.testkit.broker import Mosquitto
+from evse_tools.collector.consumer import SequenceTracker
+from evse_tools.testkit.subscriber import Collector
+from evse_tools.sim.vehicle_sim import VehicleSim
 
 STATION = "sim-001"
 JOURNALED = ("session", "event", "aggregate")
@@ -148,7 +148,7 @@ def public_key(station_dir):
 
 
 def assert_session_verifies(end, key):
-    """Every OCMF document of the session verifies (tools/ocmf_verify), the documents form
+    """Every OCMF document of the session verifies (tools/cli/ocmf_verify), the documents form
     one session, and the signed energy is the billed energy."""
     documents = end["ocmf_documents"]
     assert documents, end

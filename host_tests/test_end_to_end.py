@@ -6,7 +6,7 @@ from datetime import datetime
 import pytest
 
 from conftest import wait_for
-from evse_tools.subscriber import Collector
+from evse_tools.testkit.subscriber import Collector
 
 
 def _f32(value):

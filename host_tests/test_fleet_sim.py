@@ -12,8 +12,8 @@ from evse_agent.meter import ModbusMeter
 from evse_agent.meter_models import model_named
 from evse_agent.modbus_rtu import ModbusTimeout, RtuMaster, build_read_request
 from evse_agent.ports.cpython.clock import SystemClock
-from evse_tools.fleet_sim import STATION_FORMAT, ScriptedCar, SimulatedMeterLine, simulate
-from evse_tools.meter_sim import LoadProfile, MeterPhysics, encode_register
+from evse_tools.sim.fleet_sim import STATION_FORMAT, ScriptedCar, SimulatedMeterLine, simulate
+from evse_tools.sim.meter_sim import LoadProfile, MeterPhysics, encode_register
 
 SDM630 = model_named("sdm630")
 

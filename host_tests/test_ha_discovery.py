@@ -56,8 +56,8 @@ from evse_agent.meter_models import ABB_B23, SDM120, SDM630
 from evse_agent.modbus_rtu import RtuMaster
 from evse_agent.pilot import InputState
 from evse_agent.reading import Reading
-from evse_tools.subscriber import Collector
-from evse_tools.vehicle_sim import VehicleSim
+from evse_tools.testkit.subscriber import Collector
+from evse_tools.sim.vehicle_sim import VehicleSim
 from conftest import wait_for
 from test_session_engine import Station
 

@@ -1,6 +1,6 @@
 """Taps bound to sessions and carried in the signed documents (engine in process, real
 store and signer), checked by verifiers other than the signing code (pyocmf strict,
-tools/ocmf_verify), over random tap timings and allow-lists."""
+tools/cli/ocmf_verify), over random tap timings and allow-lists."""
 
 import json
 import warnings
@@ -12,7 +12,7 @@ from pyocmf import OCMF
 
 from evse_agent.config import ConfigError, validate
 from evse_agent.identification import IdentificationDesk, parse_allow_list, parse_uid
-from evse_tools import ocmf_verify
+from evse_tools.cli import ocmf_verify
 from test_session_engine import Station
 
 LISTED = "04A1B2C3D4E5F6"
@@ -37,7 +37,7 @@ def payload(document):
 
 
 def check_independently(station, end_record):
-    """Every document verifies with pyocmf (strict) and tools/ocmf_verify, and the pair
+    """Every document verifies with pyocmf (strict) and tools/cli/ocmf_verify, and the pair
     passes pyocmf's billing checks; returns the documents' user-assignment fields."""
     documents = end_record["ocmf_documents"]
     key_hex = station.signer.public_key_hex()

@@ -23,8 +23,8 @@ from evse_agent import journal
 from evse_agent.journal import AGGREGATE, EVENT, SESSION, SUMMARY, Journal, encode_record, scan
 from evse_agent.messages import Outbox, iso_utc
 from evse_agent.ports.cpython.fs import FileSystem
-from evse_tools import journal_tool
-from evse_tools.consumer import SequenceTracker
+from evse_tools.cli import journal_tool
+from evse_tools.collector.consumer import SequenceTracker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCH = 1795589401.0  # 2026-11-25T06:50:01Z

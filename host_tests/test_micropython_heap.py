@@ -1,6 +1,6 @@
 """The whole MicroPython agent at an ESP32-WROOM's heap: code as deployed, 110 K words beyond.
 
-The port's unchanged ``main.py`` runs on the host board (tools/unix_board, the unix port)
+The port's unchanged ``main.py`` runs on the host board (tools/testkit/unix_board, the unix port)
 with its code from a ROMFS image (``mpremote romfs build`` of the .mpy files, mounted with
 ``vfs.VfsRom`` by host_tests/mpy_scenarios/romboot.py), in a fixed heap of the image plus
 ``ESP32_HEAP_WORDS`` words — the words an ESP32 without PSRAM leaves to MicroPython — and
@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from evse_tools import mpy_agent, mpy_unix
-from evse_tools.subscriber import Collector
+from evse_tools.testkit import mpy_agent, mpy_unix
+from evse_tools.testkit.subscriber import Collector
 from test_durability import register_wh, wait_register_settled
 from test_micropython_agent import MicroStation, TimedConsumer, assert_checked_session
 

@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from evse_tools.mpy_agent import BOARD_DIR, CODE_DIR, micropython_command
-from evse_tools.subscriber import Collector
+from evse_tools.testkit.mpy_agent import BOARD_DIR, CODE_DIR, micropython_command
+from evse_tools.testkit.subscriber import Collector
 from test_mqtt_security import secure_broker  # noqa: F401  (fixture: mosquitto with TLS and logins)
 
 PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpy_mqtt", "mqtt_probe.py")

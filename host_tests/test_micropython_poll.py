@@ -1,4 +1,4 @@
-"""The MicroPython poll-cycle program (``tools/unix_board/poll_cycle.py``, timed by
+"""The MicroPython poll-cycle program (``tools/testkit/unix_board/poll_cycle.py``, timed by
 ``make bench``) completes its polls under the unix port, through the host board's
 ``machine.UART`` and the port's ``UartStream``, and reads what the simulated meter serves.
 No timing is asserted here: the figures belong to ``make bench``."""
@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from evse_tools.bench_poll import micropython_poll
+from evse_tools.bench.poll import micropython_poll
 
 
 def _float32(value):

@@ -3,7 +3,7 @@ every true drop detected, events tied to their session, live and retained data t
 how fresh and true they are.
 
 The core part runs the real input monitor (debounce) and power monitor on a fast clock
-against a simulated charge point (``evse_tools.bench_monitoring``), with hypothesis drawing
+against a simulated charge point (``evse_tools.bench.monitoring``), with hypothesis drawing
 the poll interval, its phase and duration, the input sampling, debounce and jitter, and the
 times of stops, starts and drops. The end-to-end part runs the agent as a process against the
 meter simulator on a pty, the vehicle simulator's pin file and mosquitto.
@@ -21,9 +21,9 @@ from evse_agent.journal import Journal
 from evse_agent.pilot import InputMonitor, PinSample
 from evse_agent.ports.cpython.fs import FileSystem
 from evse_agent.reading import Reading
-from evse_tools.bench_monitoring import random_plan, run_core, run_end_to_end
-from evse_tools.subscriber import Collector
-from evse_tools.vehicle_sim import VehicleSim
+from evse_tools.bench.monitoring import random_plan, run_core, run_end_to_end
+from evse_tools.testkit.subscriber import Collector
+from evse_tools.sim.vehicle_sim import VehicleSim
 
 from conftest import wait_for
 

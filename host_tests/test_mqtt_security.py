@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import wait_for
-from evse_tools.broker import Mosquitto
-from evse_tools.subscriber import Collector
+from evse_tools.testkit.broker import Mosquitto
+from evse_tools.testkit.subscriber import Collector
 
 
 def _write_pem(path, data):

@@ -1,6 +1,6 @@
 """OCMF documents: built by the core, signed with the station key, checked by outsiders.
 
-Three verifiers, none of them the signing code: tools/ocmf_verify (own parser +
+Three verifiers, none of them the signing code: tools/cli/ocmf_verify (own parser +
 cryptography), the third-party pyocmf package, and the pure-Python ecdsa package.
 """
 
@@ -25,7 +25,7 @@ from evse_agent.ocmf import (
     Identification, OcmfReading, build_payload, ocmf_time, parse_document, sign_document,
 )
 from evse_agent.ports.cpython.signer import FileKeySigner, KeyFileError
-from evse_tools import ocmf_verify
+from evse_tools.cli import ocmf_verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAMPER = settings(max_examples=150, deadline=None)

@@ -26,7 +26,7 @@ from evse_agent.pilot import (DIGITAL, LINE_THRESHOLDS_V, NOMINAL_VOLTS, STATES,
 from evse_agent.ports.cpython.clock import SystemClock
 from evse_agent.ports.cpython.gpio import GpiodPinBank
 from evse_agent.ports.cpython.sim_pins import SimPinBank
-from evse_tools.vehicle_sim import VehicleSim, parse_command
+from evse_tools.sim.vehicle_sim import VehicleSim, parse_command
 
 FAST = settings(max_examples=300, deadline=None)
 
@@ -506,7 +506,7 @@ def test_bad_commands_get_a_one_line_reason(text, complaint):
 
 
 def run_cli(*args, stdin=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "evse_tools.vehicle_sim"] + list(args),
+    return subprocess.run([sys.executable, "-m", "evse_tools.sim.vehicle_sim"] + list(args),
                           input=stdin, capture_output=True, text=True, timeout=30, cwd=cwd or ROOT)
 
 

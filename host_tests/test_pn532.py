@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from evse_agent import pn532
 from evse_agent.ports.cpython.clock import SystemClock
 from evse_agent.ports.cpython.serial_link import SerialStream
-from evse_tools.reader_sim import ReaderSimulator
-from evse_tools.reader_sim import frame as sim_frame
+from evse_tools.sim.reader_sim import ReaderSimulator
+from evse_tools.sim.reader_sim import frame as sim_frame
 
 # NXP UM0701-02 (PN532 User Manual): GetFirmwareVersion and its answer as in the manual's
 # example; SAMConfiguration (normal mode, 1 s timeout, IRQ) and InListPassiveTarget (one

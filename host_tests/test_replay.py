@@ -13,9 +13,9 @@ from evse_agent.messages import Outbox, Topics
 from evse_agent.ports.cpython.fs import FileSystem
 from evse_agent.ports.cpython.mqtt import MqttPublisher
 from evse_agent.reading import Reading
-from evse_tools.bench import FastClock
-from evse_tools.consumer import SequenceTracker
-from evse_tools.subscriber import Collector
+from evse_tools.bench.main import FastClock
+from evse_tools.collector.consumer import SequenceTracker
+from evse_tools.testkit.subscriber import Collector
 
 DAY_S = 24 * 3600
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from conftest import ROOT, SIM_BOARD, station_args, wait_for
-from evse_tools.vehicle_sim import VehicleSim
+from evse_tools.sim.vehicle_sim import VehicleSim
 
 FAST = ("--quiet", "--set", "meter.poll_interval_s=0.2", "--set", "meter.timeout_ms=150",
         "--set", "meter.retries=1", "--set", "meter.offline_after=2",

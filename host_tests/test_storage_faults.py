@@ -22,7 +22,7 @@ from evse_agent import journal as journal_mod
 from evse_agent.journal import EVENT, SESSION, Journal
 from evse_agent.ports.cpython.fs import FileSystem
 from evse_agent.store import COUNTERS, OPEN_SESSION, StateStore
-from evse_tools import journal_tool
+from evse_tools.cli import journal_tool
 
 CONFIG = {"max_bytes": 1 << 20, "reserve_bytes": 4096, "segment_bytes": 64 * 1024,
           "sync_interval_s": 30.0, "cursor_sync_s": 5.0}

@@ -1,4 +1,4 @@
-"""The scenarios' side of the MicroPython runner (``tools/mpy_run.mjs``); runs on both.
+"""The scenarios' side of the MicroPython runner (``tools/testkit/mpy_run.mjs``); runs on both.
 
 A scenario is a script that defines ``async def main()`` and ends with::
 
@@ -18,7 +18,7 @@ import json
 import sys
 
 MICROPYTHON = sys.implementation.name == "micropython"
-DEFERRED = False  # set by tools/mpy_run.mjs: it awaits main() itself
+DEFERRED = False  # set by tools/testkit/mpy_run.mjs: it awaits main() itself
 ARGV = sys.argv if hasattr(sys, "argv") else []  # the runner sets it where sys.argv is missing
 
 _state = {"main": None, "steps": 0, "peak": 0, "peak_step": None, "baseline": None}

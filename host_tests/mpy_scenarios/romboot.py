@@ -3,9 +3,9 @@
     micropython -X heapsize=BYTES romboot.py IMAGE SCRIPT [args...]
 
 SCRIPT is a scenario (``harness.run``), or a program that runs when imported, with
-``sys.argv`` = [SCRIPT, args...] (``tools/unix_board/run_agent.py``: the port's agent).
+``sys.argv`` = [SCRIPT, args...] (``tools/testkit/unix_board/run_agent.py``: the port's agent).
 
-IMAGE is a ROMFS image of the compiled core (``mpremote romfs build``; tools/mpy_build.py
+IMAGE is a ROMFS image of the compiled core (``mpremote romfs build``; tools/cli/mpy_build.py
 ``build_romfs``). A board maps its ROMFS partition from flash; this port has none, so the
 image is read into one buffer allocated first, mounted with ``vfs.VfsRom`` at ``/rom`` and
 imported from there (bytecode runs in place). What the scenario may use beyond the image is
@@ -17,7 +17,7 @@ in machine words, beyond the image: ``loaded_words`` in use once the scenario's 
 imported (``harness.mark_loaded``), ``after_words`` in use at the end, ``allocated_words``
 from ``micropython.mem_peak()`` — on this port a count of every byte allocated, never
 lowered by garbage collection, so allocation churn rather than a heap size. The heap a
-scenario needs is found by running it at a fixed heap (``tools/mpy_unix.py --smallest``).
+scenario needs is found by running it at a fixed heap (``tools/testkit/mpy_unix.py --smallest``).
 """
 
 import gc

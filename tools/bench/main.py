@@ -8,7 +8,7 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
 - poll cycle time over a pty relay that paces bytes at 9600 and 38400 baud, against the
   wire time of the cycle's bytes, and against the line's floor: wire time plus the
   3.5-character silences the protocol demands and the simulated meter's turnaround; the
-  same under the MicroPython unix port (``tools/unix_board/poll_cycle.py``: the host
+  same under the MicroPython unix port (``tools/testkit/unix_board/poll_cycle.py``: the host
   board's ``machine.UART`` and the port's ``UartStream``), against the same wire time and
   the CPython median of the run;
 - pilot change -> session message and telemetry sample -> subscriber, p50/p99, on a real
@@ -20,7 +20,7 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
 - CPU seconds per 1,000 poll cycles at 1 Hz and resident memory, against a hand-written
   pymodbus + paho loop (``bench_cpu``, ``handwritten_loop``);
 - flash wear: bytes and fsyncs the journal writes per hour at the default settings;
-- MicroPython, unix port (64-bit, ``tools/mpy_unix.py``), the core as deployed (a ROMFS
+- MicroPython, unix port (64-bit, ``tools/testkit/mpy_unix.py``), the core as deployed (a ROMFS
   image): the smallest fixed heap, in words beyond the image, in which the session scenario
   (a charging session with journal, OCMF and an agent restart;
   host_tests/mpy_scenarios/session_scenario.py) and the lost-end-record scenario complete,
@@ -62,15 +62,15 @@ from evse_agent.reading import Reading
 
 from evse_agent import log
 
-from .bench_cpu import cpu_figures
-from .bench_latency import latency_figures
-from .bench_monitoring import monitoring_figures, monitoring_rows
-from .bench_poll import cycle_time_figures, micropython_cycle_figures, request_figures
-from .broker import Mosquitto
-from .fleet_sim import fleet_table, run_fleets
-from .subscriber import Collector
+from .cpu import cpu_figures
+from .latency import latency_figures
+from .monitoring import monitoring_figures, monitoring_rows
+from .poll import cycle_time_figures, micropython_cycle_figures, request_figures
+from ..testkit.broker import Mosquitto
+from ..sim.fleet_sim import fleet_table, run_fleets
+from ..testkit.subscriber import Collector
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "bench", "results.json")
 
 
@@ -280,7 +280,7 @@ def bench_flash_wear(workdir):
 
 def bench_micropython(workdir):
     """Heap in use by the core scenario's data under MicroPython, and its signing time."""
-    from .mpy_build import compile_core
+    from ..cli.mpy_build import compile_core
     node = shutil.which("node")
     if node is None:
         return {"error": "node is not installed"}
@@ -290,7 +290,7 @@ def bench_micropython(workdir):
     scenarios = os.path.join(ROOT, "host_tests", "mpy_scenarios")
     stats_file = os.path.join(workdir, "mpy-stats.json")
     for name in ("session", "p256"):
-        run = subprocess.run([node, os.path.join(ROOT, "tools", "mpy_run.mjs"), "--mpy", out, "--stats", stats_file,
+        run = subprocess.run([node, os.path.join(ROOT, "tools", "testkit", "mpy_run.mjs"), "--mpy", out, "--stats", stats_file,
                               os.path.join(scenarios, name + "_scenario.py"), "/tmp"],
                              capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
@@ -314,7 +314,7 @@ ESP32_HEAP_WORDS = 110 * 1024  # an ESP32-WROOM without PSRAM: about 110 KiB of 
 def bench_micropython_unix(workdir, quick=False):
     """The unix port at a fixed heap: the smallest heap each scenario completes in (words
     beyond the ROMFS image), the heap in use after loading, and the signing time."""
-    from . import mpy_unix
+    from ..testkit import mpy_unix
     try:
         image = mpy_unix.build_image(os.path.join(workdir, "romfs"))
     except (OSError, subprocess.CalledProcessError) as error:
@@ -337,7 +337,7 @@ def bench_micropython_unix(workdir, quick=False):
 
 def bench_micropython_mqtt(broker, count):
     """The port's MQTT client beside paho-mqtt: PUBACK time one at a time, and throughput."""
-    from .bench_mqtt import micropython_run, paho_run
+    from .mqtt import micropython_run, paho_run
     figures = {"count": count}
     try:
         for window in (16, 1):
@@ -471,7 +471,7 @@ def _table(results):
     fleet = results.get("fleet")
     if fleet:
         lines.append("")
-        lines.append("fleet simulation (tools/fleet_sim.py, %g s per size):" % fleet[0]["duration_s"])
+        lines.append("fleet simulation (tools/sim/fleet_sim.py, %g s per size):" % fleet[0]["duration_s"])
         lines.append(fleet_table(fleet))
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ Two parts:
   (following the vehicle simulator's pin file), the vehicle simulator and mosquitto; random
   stops, starts and drops at random phases; counts events, readings and telemetry messages.
 
-``python -m evse_tools.bench_monitoring [--stops N]`` prints the figures; ``make bench``
+``python -m evse_tools.bench.monitoring [--stops N]`` prints the figures; ``make bench``
 includes them.
 """
 
@@ -328,9 +328,9 @@ def core_figures(stops=2000, seed=13, stops_per_plan=25):
 def run_end_to_end(workdir, broker, stops=12, seed=13, poll_s=1.0, drop_share=0.5, log=None):
     """The agent process, meter simulator, vehicle simulator and ``broker``: ``stops``
     charging periods at random phases, some with a true drop. Returns counts and delays."""
-    from .meter_sim import MeterSimulator
-    from .subscriber import Collector
-    from .vehicle_sim import VehicleSim
+    from ..sim.meter_sim import MeterSimulator
+    from ..testkit.subscriber import Collector
+    from ..sim.vehicle_sim import VehicleSim
     import subprocess
 
     rng = random.Random(seed)
@@ -341,7 +341,7 @@ def run_end_to_end(workdir, broker, stops=12, seed=13, poll_s=1.0, drop_share=0.
     sim = MeterSimulator("sdm630", pin_file=pin_file)
     device = sim.start()
     collector = Collector(broker.host, broker.port, "evse/#")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     args = [sys.executable, "-m", "evse_agent.ports.cpython.main", "--board", os.path.join(root, "boards", "sim.json"),
             "--set", "meter.port=" + device, "--set", "mqtt.port=%d" % broker.port,
             "--set", "meter.poll_interval_s=%s" % poll_s, "--set", "mqtt.telemetry_interval_s=%s" % poll_s,
@@ -427,7 +427,7 @@ def monitoring_figures(broker, workdir, quick=False):
 
 
 def monitoring_rows(figures, row):
-    """Table rows for ``tools/bench.py`` (``row(figure, measured, baseline, ratio)``)."""
+    """Table rows for ``tools/bench/main.py`` (``row(figure, measured, baseline, ratio)``)."""
     core = figures["core"]
     agent, seed = core["agent"], core["baseline"]
     rows = [row("false power events per 1000 stops (fast clock, %d stops)" % core["stops"],
@@ -454,7 +454,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(json.dumps(core_figures(args.stops), indent=2))
     if args.e2e_stops:
-        from .broker import Mosquitto
+        from ..testkit.broker import Mosquitto
         with Mosquitto() as broker, tempfile.TemporaryDirectory() as workdir:
             result = run_end_to_end(workdir, broker, args.e2e_stops)
         result["false"] = len(result["false"])

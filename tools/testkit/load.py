@@ -1,6 +1,6 @@
 """Run a command while the machine is busy: CPU-bound and disk-bound workers around it.
 
-``python -m evse_tools.load [--cpu 2] [--disk 1] [--runs 3] [--max-s 5400] -- COMMAND...``
+``python -m evse_tools.testkit.load [--cpu 2] [--disk 1] [--runs 3] [--max-s 5400] -- COMMAND...``
 starts the workers, runs COMMAND up to ``--runs`` times in a row (stopping at the first
 failure), then stops the workers and exits with COMMAND's last exit code. The workers stop
 with it on success, failure, Ctrl-C or SIGTERM, stop by themselves when this process is gone,

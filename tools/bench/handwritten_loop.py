@@ -4,7 +4,7 @@ What a user would write without the agent: pymodbus's serial client reads the me
 measurement registers (one request per contiguous run, as a reader without a planner
 would), decodes them, and paho-mqtt publishes one JSON message per poll. No sessions,
 journal, signing, events or inputs. Run as its own process so its CPU and memory can be
-measured: ``python -m evse_tools.handwritten_loop --port DEV --broker-port N``.
+measured: ``python -m evse_tools.bench.handwritten_loop --port DEV --broker-port N``.
 """
 
 import argparse

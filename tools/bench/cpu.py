@@ -6,7 +6,7 @@ its own simulated meter paced at 9600 baud and the same mosquitto, polling at 1 
 - the agent: ``evse-agent`` on ``boards/sim.json`` (meter, pilot and contactor sampled every
   20 ms, sessions, events, journal, aggregates, telemetry; no console);
 - the agent with its pilot sampled once a second: what the poll path itself costs;
-- the baseline: ``tools/handwritten_loop.py`` (pymodbus read loop + paho publish).
+- the baseline: ``tools/bench/handwritten_loop.py`` (pymodbus read loop + paho publish).
 
 CPU is user + system time of the whole process (every thread) from ``/proc/<pid>/stat``
 over the window after a warm-up, scaled to 1,000 poll cycles; memory is the resident set
@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 
-from .bench_latency import ROOT, agent_command
-from .meter_sim import MeterSimulator
+from .latency import ROOT, agent_command
+from ..sim.meter_sim import MeterSimulator
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -43,7 +43,7 @@ def memory_kib(pid):
 
 
 def _baseline_command(device, broker, duration_s):
-    return [sys.executable, "-m", "evse_tools.handwritten_loop", "--port", device, "--baudrate", "9600",
+    return [sys.executable, "-m", "evse_tools.bench.handwritten_loop", "--port", device, "--baudrate", "9600",
             "--broker-port", str(broker.port), "--duration", str(duration_s)]
 
 

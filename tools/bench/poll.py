@@ -8,7 +8,7 @@
   3.5-character silence the protocol demands between transactions, plus the simulated
   meter's measured turnaround per transaction (time from the request's last byte to the
   response's first byte, less the wire);
-- the same poll cycle under the MicroPython unix port (``tools/unix_board/poll_cycle.py``:
+- the same poll cycle under the MicroPython unix port (``tools/testkit/unix_board/poll_cycle.py``:
   the host board's ``machine.UART`` and the port's ``UartStream``), against the same wire
   time, computed here, and the CPython median of the same run.
 """
@@ -27,7 +27,7 @@ from evse_agent.ports.cpython.clock import SystemClock
 from evse_agent.ports.cpython.serial_link import SerialStream
 from evse_agent.registers import plan_requests
 
-from .meter_sim import MeterSimulator
+from ..sim.meter_sim import MeterSimulator
 
 REQUEST_BYTES = 8
 RESPONSE_OVERHEAD_BYTES = 5  # unit, function, byte count, CRC
@@ -136,11 +136,11 @@ def cycle_time_figures(baudrates=(9600, 38400), cycles=40):
 
 
 def micropython_poll(model_name, baudrate, cycles, timeout_s=300, hold=False, load_amps=None):
-    """Run ``tools/unix_board/poll_cycle.py`` under the MicroPython unix port against the
+    """Run ``tools/testkit/unix_board/poll_cycle.py`` under the MicroPython unix port against the
     simulated meter: (median ms, p95 ms, the program's ``poll`` lines, the simulator).
     ``hold`` freezes the simulated values (at ``load_amps`` per phase when given), so every
     poll must read the same ones."""
-    from .mpy_agent import BOARD_DIR, CODE_DIR, micropython_command
+    from ..testkit.mpy_agent import BOARD_DIR, CODE_DIR, micropython_command
     sim = MeterSimulator(model_name, baudrate=baudrate)
     if load_amps is not None:
         sim.set_load(load_amps)

@@ -2,7 +2,7 @@
 
 On ``MICROPYPATH`` before the built-ins, this module shadows the unix port's ``machine``
 (``from umachine import *`` keeps what the port has). The wiring is fixed, like a PCB's,
-and ``boards/mpy-unix-sim.json`` describes it; the harness (``tools/mpy_agent.py``) names
+and ``boards/mpy-unix-sim.json`` describes it; the harness (``tools/testkit/mpy_agent.py``) names
 the files it goes through in the environment:
 
 - ``UART(n)``: the device in ``EVSE_UART<n>`` (the meter simulator's pty), raw 8N1 with

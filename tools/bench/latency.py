@@ -23,10 +23,10 @@ import time
 
 import paho.mqtt.client as paho
 
-from .meter_sim import MeterSimulator
-from .vehicle_sim import VehicleSim
+from ..sim.meter_sim import MeterSimulator
+from ..sim.vehicle_sim import VehicleSim
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIM_BOARD = os.path.join(ROOT, "boards", "sim.json")
 
 

@@ -13,7 +13,7 @@ subscriber of ``evse/#``, the broker's CPU (from ``/proc``), the stations' CPU, 
 poll cycles the stations achieved against their 1 Hz schedule (below 1.0: they could not
 keep up).
 
-``python -m evse_tools.fleet_sim --stations 10 100 500 --duration 20``
+``python -m evse_tools.sim.fleet_sim --stations 10 100 500 --duration 20``
 """
 
 import argparse
@@ -38,8 +38,8 @@ from evse_agent.pilot import NOMINAL_VOLTS, PinSample, duty_from_current
 from evse_agent.ports.cpython.clock import SystemClock
 from evse_agent.ports.cpython.main import build_agent
 
-from .bench_cpu import cpu_seconds
-from .broker import Mosquitto
+from ..bench.cpu import cpu_seconds
+from ..testkit.broker import Mosquitto
 from .meter_sim import LoadProfile, MeterPhysics, encode_register
 
 STATION_FORMAT = "fleet-%04d"

@@ -1,6 +1,6 @@
 """A simulated week of a charging fleet, published through a real broker, with exact ground truth.
 
-    python -m evse_tools.fleet_week --broker 127.0.0.1:1883 --out DIR [--stations 4] [--days 7] [--seed 7]
+    python -m evse_tools.sim.fleet_week --broker 127.0.0.1:1883 --out DIR [--stations 4] [--days 7] [--seed 7]
 
 Each station is the agent's own core: a real ``Agent`` with ``attach_charge_point`` (session
 engine, power monitor), the outbox, a journal on disk, the forwarder and the Linux port's MQTT
@@ -46,7 +46,7 @@ from evse_agent.reading import Reading
 from evse_agent.registers import energy_resolution_mwh
 from evse_agent.store import StateStore
 
-from .bench import FastClock
+from ..bench.main import FastClock
 
 WEEK_START = 1795392000  # Monday 2026-11-23T00:00:00Z
 MINUTE_S = 60  # the reading step: one poll per simulated minute

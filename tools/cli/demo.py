@@ -19,13 +19,13 @@ import sys
 import threading
 import time
 
-from .broker import Mosquitto
-from .meter_sim import MeterSimulator
+from ..testkit.broker import Mosquitto
+from ..sim.meter_sim import MeterSimulator
 from .ocmf_verify import Document, Invalid, load_public_key
-from .subscriber import Collector
-from .vehicle_sim import VehicleSim
+from ..testkit.subscriber import Collector
+from ..sim.vehicle_sim import VehicleSim
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOARD = os.path.join(ROOT, "boards", "sim.json")
 LINK = os.path.join(ROOT, "run", "meter.pty")
 STATION_DIR = os.path.join(ROOT, "run", "demo")  # state, key and pin file of the demo station

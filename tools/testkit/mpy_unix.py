@@ -6,7 +6,7 @@ by ``host_tests/mpy_scenarios/romboot.py``. The heap is the image plus ``words``
 words (``-X heapsize`` in bytes): past it an allocation raises ``MemoryError`` and the run
 exits 1, as on a board whose heap has that many words.
 
-    python -m evse_tools.mpy_unix [--words N] [--smallest] SCENARIO [...]
+    python -m evse_tools.testkit.mpy_unix [--words N] [--smallest] SCENARIO [...]
 
 prints each scenario's figures; ``--smallest`` searches the smallest heap (in words, to
 1/64 of the start value) each scenario completes in — the figure ``make bench`` reports.
@@ -22,9 +22,9 @@ import subprocess
 import sys
 import tempfile
 
-from .mpy_build import build_romfs, compile_core
+from ..cli.mpy_build import build_romfs, compile_core
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCENARIOS = os.path.join(ROOT, "host_tests", "mpy_scenarios")
 ROMBOOT = os.path.join(SCENARIOS, "romboot.py")
 WORD_BYTES = 8 if sys.maxsize > (1 << 32) else 4  # the unix port is built for this machine

@@ -1,11 +1,11 @@
 // Run a Python script under the official MicroPython (its WebAssembly port, from the npm
-// registry: tools/mpy/package.json) on the host, with the portable core on its path.
+// registry: tools/testkit/mpy/package.json) on the host, with the portable core on its path.
 //
-//   node tools/mpy_run.mjs [--heap 64k] [--budget N] [--mpy DIR] [--stats FILE] script.py [args...]
+//   node tools/testkit/mpy_run.mjs [--heap 64k] [--budget N] [--mpy DIR] [--stats FILE] script.py [args...]
 //
 // The core (firmware/evse_agent, without ports/cpython) is copied into MicroPython's
 // in-memory file system at /lib/evse_agent — or, with --mpy DIR, the .mpy files that
-// mpy-cross compiled into DIR/evse_agent (tools/mpy_build.py), so what runs is the compiled core. The
+// mpy-cross compiled into DIR/evse_agent (tools/cli/mpy_build.py), so what runs is the compiled core. The
 // script's own directory becomes /scenario (first on sys.path).
 //
 // A script ends with ``harness.run(main)`` (host_tests/mpy_scenarios/harness.py): under this
@@ -28,9 +28,9 @@ import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
 const CORE = path.join(ROOT, "firmware", "evse_agent");
-const PACKAGE = path.join(ROOT, "tools", "mpy", "node_modules", "@micropython",
+const PACKAGE = path.join(ROOT, "tools", "testkit", "mpy", "node_modules", "@micropython",
     "micropython-webassembly-pyscript", "micropython.mjs");
 
 function usage(text) {
@@ -61,7 +61,7 @@ while (args.length && args[0].startsWith("--")) {
 if (!args.length) usage("usage: mpy_run.mjs [--heap 64k] [--budget N] [--mpy DIR] [--stats FILE] script.py [args...]");
 const script = path.resolve(args[0]);
 if (!fs.existsSync(PACKAGE)) {
-    usage("MicroPython is not installed: run `npm ci --prefix tools/mpy` (make test does)");
+    usage("MicroPython is not installed: run `npm ci --prefix tools/testkit/mpy` (make test does)");
 }
 
 const { loadMicroPython } = await import(pathToFileURL(PACKAGE).href);

