@@ -5,7 +5,7 @@ VENV   ?= .venv
 PYTHON  = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: demo test test-loaded bench system clean
+.PHONY: demo test test-fast test-loaded bench system clean
 
 demo: $(STAMP) system
 	$(PYTHON) -m evse_tools.cli.demo
@@ -16,6 +16,10 @@ MPY_HOST = tools/testkit/mpy/node_modules/@micropython/micropython-webassembly-p
 
 test: $(STAMP) system $(MPY_HOST)
 	$(PYTHON) -m pytest host_tests
+
+# The fast lane: the portable core in process (host_tests/core, marker `core`), in seconds.
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest host_tests/core -q
 
 # The suite on a busy machine: two CPU-bound and one disk-bound worker run beside it (started
 # and stopped here), and it must pass RUNS times in a row (tools/testkit/load.py; bounded to 3 hours).

@@ -6,7 +6,7 @@ From a MicroPython checkout (v1.22 or later), for example for an ESP32:
 
 then flash the image (``make ... deploy`` or esptool) and copy the board file to ``/board.json``
 (``tools/cli/deploy.py --board boards/esp32-sdm630.json --frozen`` does that and the rest). The
-file list is the core without the CPython port; host_tests/test_micropython.py checks that it
+file list is the core without the CPython port; host_tests/mpy/test_micropython.py checks that it
 matches the source tree.
 """
 

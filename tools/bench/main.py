@@ -23,7 +23,7 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
 - MicroPython, unix port (64-bit, ``tools/testkit/mpy_unix.py``), the core as deployed (a ROMFS
   image): the smallest fixed heap, in words beyond the image, in which the session scenario
   (a charging session with journal, OCMF and an agent restart;
-  host_tests/mpy_scenarios/session_scenario.py) and the lost-end-record scenario complete,
+  host_tests/mpy/scenarios/session_scenario.py) and the lost-end-record scenario complete,
   and the heap in use once the code is loaded, against the 110 K words an ESP32 without
   PSRAM leaves to MicroPython; the P-256 signing time there against the same pure-Python
   signer and ``cryptography`` under CPython;
@@ -287,7 +287,7 @@ def bench_micropython(workdir):
     out = os.path.join(workdir, "mpy")
     compiled = compile_core(out)
     figures = {"mpy_files": len(compiled), "mpy_bytes": sum(size for _, size in compiled)}
-    scenarios = os.path.join(ROOT, "host_tests", "mpy_scenarios")
+    scenarios = os.path.join(ROOT, "host_tests", "mpy", "scenarios")
     stats_file = os.path.join(workdir, "mpy-stats.json")
     for name in ("session", "p256"):
         run = subprocess.run([node, os.path.join(ROOT, "tools", "testkit", "mpy_run.mjs"), "--mpy", out, "--stats", stats_file,

@@ -5,7 +5,7 @@
 Against one private mosquitto: QoS 1 throughput with 16 messages in flight (the forwarder's
 window) and with one at a time (what a client that waits for each PUBACK allows), and the
 publish -> PUBACK time of one message alone (median). The MicroPython client runs under
-the unix port (host_tests/mpy_mqtt/mqtt_probe.py); the baseline is paho-mqtt 2.x with the
+the unix port (host_tests/mpy/probe/mqtt_probe.py); the baseline is paho-mqtt 2.x with the
 same payloads, window and broker.
 """
 
@@ -22,7 +22,7 @@ import paho.mqtt.client as paho
 from ..testkit.broker import Mosquitto
 from ..testkit.mpy_agent import BOARD_DIR, CODE_DIR, ROOT, micropython_command
 
-PROBE = os.path.join(ROOT, "host_tests", "mpy_mqtt", "mqtt_probe.py")
+PROBE = os.path.join(ROOT, "host_tests", "mpy", "probe", "mqtt_probe.py")
 
 
 def micropython_run(port, count, window):

@@ -8,7 +8,7 @@
 // mpy-cross compiled into DIR/evse_agent (tools/cli/mpy_build.py), so what runs is the compiled core. The
 // script's own directory becomes /scenario (first on sys.path).
 //
-// A script ends with ``harness.run(main)`` (host_tests/mpy_scenarios/harness.py): under this
+// A script ends with ``harness.run(main)`` (host_tests/mpy/scenarios/harness.py): under this
 // port the runner then awaits ``main()`` itself, since the WebAssembly port's asyncio runs on
 // the JavaScript event loop (there is no blocking asyncio.run).
 //

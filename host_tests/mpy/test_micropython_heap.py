@@ -2,7 +2,7 @@
 
 The port's unchanged ``main.py`` runs on the host board (tools/testkit/unix_board, the unix port)
 with its code from a ROMFS image (``mpremote romfs build`` of the .mpy files, mounted with
-``vfs.VfsRom`` by host_tests/mpy_scenarios/romboot.py), in a fixed heap of the image plus
+``vfs.VfsRom`` by host_tests/mpy/scenarios/romboot.py), in a fixed heap of the image plus
 ``ESP32_HEAP_WORDS`` words — the words an ESP32 without PSRAM leaves to MicroPython — and
 completes a charging session with a pause, checked as test_micropython_agent checks it
 (billed = register delta, OCMF verified independently, seqs gapless, records on time, no

@@ -10,7 +10,7 @@ import pytest
 
 from evse_agent.config import SCHEMA, ConfigError, apply_override, ha_node_id, load_board, parse_board, validate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOARDS = sorted(os.path.join(ROOT, "boards", name)
                 for name in os.listdir(os.path.join(ROOT, "boards")) if name.endswith(".json"))
 

@@ -1,6 +1,6 @@
 """The agent with its technician console on the REPL, for the unix port on a pseudo-terminal.
 
-Run by host_tests/test_micropython.py as ``micropython -i romboot.py IMAGE repl_console.py DIR``
+Run by host_tests/mpy/test_micropython.py as ``micropython -i romboot.py IMAGE repl_console.py DIR``
 with stdin and stdout on a pty: the core (as the session scenario wires it, on a scripted
 meter and a real clock) runs with the port's ``ReplStream`` console until mpremote's raw-REPL
 entry stops it; then ``-i`` gives the REPL, as a board's ``main.py`` returning does.

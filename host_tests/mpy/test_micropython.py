@@ -38,8 +38,8 @@ from evse_tools.testkit import mpy_unix
 from evse_tools.cli.mpy_build import compile_core, core_sources, mpremote_command
 from evse_tools.sim.pty_link import PtyLink
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCENARIOS = os.path.join(ROOT, "host_tests", "mpy_scenarios")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCENARIOS = os.path.join(ROOT, "host_tests", "mpy", "scenarios")
 RUNNER = os.path.join(ROOT, "tools", "testkit", "mpy_run.mjs")
 PACKAGE = os.path.join(ROOT, "tools", "testkit", "mpy", "node_modules", "@micropython",
                        "micropython-webassembly-pyscript", "micropython.mjs")

@@ -1,7 +1,7 @@
 """ports/micropython/mqtt.py under the MicroPython unix port: against mosquitto, against a
 misbehaving broker, and with a socket that behaves as the ESP32's.
 
-The client runs in ``host_tests/mpy_mqtt/mqtt_probe.py`` beside a heartbeat task that
+The client runs in ``host_tests/mpy/probe/mqtt_probe.py`` beside a heartbeat task that
 stands in for the pilot sampler: the event loop must keep turning whatever the broker
 does. ``FakeBroker`` (here, in CPython) speaks enough MQTT 3.1.1 to accept a client, and
 misbehaves on demand, one behaviour per connection attempt: ``refuse`` (CONNACK 5),
@@ -23,7 +23,7 @@ from evse_tools.testkit.mpy_agent import BOARD_DIR, CODE_DIR, micropython_comman
 from evse_tools.testkit.subscriber import Collector
 from test_mqtt_security import secure_broker  # noqa: F401  (fixture: mosquitto with TLS and logins)
 
-PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpy_mqtt", "mqtt_probe.py")
+PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe", "mqtt_probe.py")
 HEAP = "256wK"
 
 

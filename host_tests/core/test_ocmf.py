@@ -27,7 +27,7 @@ from evse_agent.ocmf import (
 from evse_agent.ports.cpython.signer import FileKeySigner, KeyFileError
 from evse_tools.cli import ocmf_verify
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAMPER = settings(max_examples=150, deadline=None)
 
 BEGIN_T = 1795589401.123  # 2026-11-25T06:50:01,123Z
