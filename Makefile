@@ -15,6 +15,7 @@ demo: $(STAMP) system
 MPY_HOST = tools/testkit/mpy/node_modules/@micropython/micropython-webassembly-pyscript/micropython.mjs
 
 test: $(STAMP) system $(MPY_HOST)
+	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest host_tests
 
 # The fast lane: the portable core in process (host_tests/core, marker `core`), in seconds.

@@ -376,7 +376,10 @@ def test_cursor_saved_atomically_every_cursor_sync_s_and_loaded_on_restart(tmp_p
     j, _ = open_journal(tmp_path, fs=fs, clock=clock)
     for n in range(1, 11):
         j.append(EVENT, event_payload(n))
-    saves = lambda: [json.loads(data) for name, data in fs.atomic_writes if name == journal.CURSOR_FILE]
+
+    def saves():
+        return [json.loads(data) for name, data in fs.atomic_writes if name == journal.CURSOR_FILE]
+
     clock.advance(1)
     j.acknowledge(3)
     j.tick(clock.monotonic_ms())

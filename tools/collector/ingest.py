@@ -558,7 +558,7 @@ class Ingestor:
         store.execute("DELETE FROM gaps WHERE station = ?", (station,))
         for first, last in gaps:
             # A gap that only shrank keeps the time it was first seen.
-            seen = [detected for f, l, detected in old if f <= last and l >= first]
+            seen = [detected for f, end, detected in old if f <= last and end >= first]
             if not seen:
                 log.warning("station %s: records %d..%d not received", station, first, last)
             store.execute("INSERT INTO gaps (station, first_seq, last_seq, detected_at) VALUES (?, ?, ?, ?)",

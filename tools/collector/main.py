@@ -49,8 +49,8 @@ def status_doc(store):
             "key": bool(has_key), "records": counts,
             "highest_seq": store.scalar("SELECT MAX(seq) FROM records WHERE station = ?", (station,)),
             "sessions": store.scalar("SELECT COUNT(*) FROM sessions WHERE station = ?", (station,)),
-            "gaps": [{"first_seq": f, "last_seq": l, "detected_at": d} for f, l, d in gaps],
-            "missing": sum(l - f + 1 for f, l, _ in gaps),
+            "gaps": [{"first_seq": f, "last_seq": last, "detected_at": d} for f, last, d in gaps],
+            "missing": sum(last - f + 1 for f, last, _ in gaps),
             "malformed": malformed,
         })
     unverified = [{"station": s, "session_id": i, "verify_error": e} for s, i, e in store.query(
