@@ -1,9 +1,7 @@
 """Control pilot: IEC 61851-1 decoding, debouncing, the input monitor, and the vehicle simulator.
 
 The monitor runs against the real sim pin bank reading a real pin file that ``VehicleSim``
-replaces atomically, as on the host simulator board. There is no GPIO chip on the host:
-the gpiod port's ADC path is tested with a plain file, its duty measurement through the
-pure ``duty_from_edges``, and its line request only up to the missing chip.
+replaces atomically, as on the host simulator board (the gpiod port: ``ports/test_gpiod.py``).
 """
 
 import asyncio
@@ -18,13 +16,12 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT
 from evse_agent import log
-from evse_agent.config import ConfigError, validate
+from evse_agent.config import validate
 from evse_agent.pilot import (DIGITAL, LINE_THRESHOLDS_V, NOMINAL_VOLTS, STATES, Debouncer,
                               InputMonitor, InputState, current_from_duty, duty_from_current,
                               duty_from_edges, lines_from_voltage, state_from_lines,
                               state_from_voltage)
 from evse_agent.ports.cpython.clock import SystemClock
-from evse_agent.ports.cpython.gpio import GpiodPinBank
 from evse_agent.ports.cpython.sim_pins import SimPinBank
 from evse_tools.sim.vehicle_sim import VehicleSim, parse_command
 
@@ -550,48 +547,3 @@ def test_cli_interactive_answers_every_line_and_survives_bad_input(tmp_path):
     assert "error: advertise 'lots' is not a number of amps" in out
     assert "error: a vehicle is already plugged in (state B)" in out
     assert json.loads(path.read_text())["pilot_v"] == 6.0  # quit came before unplug
-
-
-# -- gpiod port (no GPIO chip on the host) --------------------------------------------------
-
-def test_gpiod_bank_reads_the_pilot_adc_from_an_iio_raw_file(tmp_path):
-    raw = tmp_path / "in_voltage0_raw"
-    raw.write_text("2048\n")
-    config = io_config(tmp_path, adc_path=str(raw), adc_scale=0.005, adc_offset=-1.0)
-    config["driver"] = "gpiod"
-    bank = GpiodPinBank(config)  # no lines configured: needs neither gpiod nor a chip
-    try:
-        sample = bank.read()
-        assert sample.pilot_volts == pytest.approx(9.24)
-        assert sample.duty_pct is None and sample.contactor_command is None
-        recorder = Recorder()
-        settle(InputMonitor(bank, config, SystemClock(), recorder), 0)
-        assert [s.pilot for s, _ in recorder.calls] == ["B"]
-        raw.write_text("garbage\n")
-        assert bank.read().pilot_volts is None
-        assert bank.errors == 1 and str(raw) in bank.last_error
-    finally:
-        bank.close()
-
-
-def test_gpiod_bank_names_the_missing_or_clashing_setting(tmp_path):
-    config = io_config(tmp_path, source="lines")
-    with pytest.raises(ConfigError, match="io.pilot.lines: missing"):
-        GpiodPinBank(config)
-    config = io_config(tmp_path)
-    with pytest.raises(ConfigError, match="io.pilot.adc_path: missing"):
-        GpiodPinBank(config)
-    config = io_config(tmp_path, source="lines", lines=[1, 2, 3, 4, 5], pwm_line=3)
-    with pytest.raises(ConfigError, match=r"io.pilot.pwm_line: line 3 is also io.pilot.lines\[2\]"):
-        GpiodPinBank(config)
-    with pytest.raises(OSError, match="cannot open the pilot ADC"):
-        GpiodPinBank(io_config(tmp_path, adc_path=str(tmp_path / "no-such-adc")))
-
-
-def test_gpiod_bank_without_its_chip_says_what_is_missing(tmp_path):
-    config = io_config(tmp_path, source="lines", lines=[1, 2, 3, 4, 5], pwm_line=6)
-    config["chip"] = str(tmp_path / "gpiochip9")
-    with pytest.raises(OSError) as error:
-        GpiodPinBank(config)
-    text = str(error.value)
-    assert "gpiod package" in text or (str(tmp_path / "gpiochip9") in text and "1, 2, 3, 4, 5, 6" in text)
