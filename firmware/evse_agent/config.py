@@ -158,7 +158,7 @@ def schema():
         },
         "io": {
             "driver": Field(str, "sim", choices=("sim", "gpiod"),
-                            help="sim: pin bank file written by tools/vehicle_sim; gpiod: Linux GPIO"),
+                            help="sim: pin bank file written by tools/sim/vehicle_sim; gpiod: Linux GPIO"),
             "sim_file": Field(str, "run/pins.json", help="pin bank file of the sim driver"),
             "chip": Field(str, "/dev/gpiochip0", help="GPIO chip of the gpiod driver"),
             "pilot": {
