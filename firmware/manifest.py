@@ -44,6 +44,7 @@ package(
         "reading.py",
         "registers.py",
         "session.py",
+        "station.py",
         "store.py",
         "ports/__init__.py",
         "ports/micropython/__init__.py",

@@ -29,8 +29,11 @@ import asyncio
 
 from . import __version__, log
 from .aggregate import Aggregator
+from .events import PowerMonitor
 from .journal import AGGREGATE, EVENT, SESSION
 from .messages import Topics, iso_utc, meter_status_doc, telemetry_doc
+from .pilot import InputMonitor
+from .session import SessionEngine
 
 # The supervisor sleeps until the power monitor's next contactor check is due or the inputs
 # change; with nothing due it still looks in at this interval.
@@ -61,22 +64,21 @@ def event_doc(event):
 
 
 class Agent:
-    """Ties meter, inputs, session engine, power monitor and outbox together."""
+    """Ties meter, inputs, session engine, power monitor and outbox together.
 
-    def __init__(self, config, meter, outbox, clock, inputs=None, engine=None, monitor=None,
-                 forwarder=None, on_reading=None):
+    Built whole, by ``station.build_station``: from the meter, the outbox (journal,
+    forwarder, publisher), the state store and the platform ``ports`` it builds the session
+    engine, the power monitor and the input monitor, and what the board asks for (Home
+    Assistant discovery, the RFID reader's desk, the console), reports damage found at
+    start and continues an open session (``restored``)."""
+
+    def __init__(self, config, clock, meter, outbox, store, ports):
         self.config = config
         self.meter = meter
         self.outbox = outbox
         self.clock = clock
-        self.inputs = inputs
-        self.engine = engine
-        self.monitor = monitor
-        self.forwarder = forwarder
-        self.on_reading = on_reading
-        self.console = None
-        self.discovery = None
-        self.identification = None  # identification.IdentificationDesk (RFID reader), if any
+        self.forwarder = outbox.forwarder
+        self.on_reading = ports.on_reading
         self.started_ms = clock.monotonic_ms()
         self.aggregator = Aggregator(config["journal"]["aggregate_interval_s"], meter.model.phases)
         self.topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
@@ -90,6 +92,45 @@ class Agent:
         self._stopping = False
         self._wake = asyncio.Event()
         self._supervise = asyncio.Event()  # inputs or thresholds changed: recompute deadlines
+        model = meter.model
+        identity = {
+            "gateway_vendor": config["signing"]["gateway_vendor"],
+            "gateway_serial": config["signing"]["gateway_serial"] or config["station_id"],
+            "gateway_version": __version__,
+            "meter_vendor": model.vendor,
+            "meter_model": model.product,
+        }
+        self.engine = SessionEngine(config, store, ports.signer, clock, meter, self.publish,
+                                    self.request_reading, identity)
+        pilot = config["io"]["pilot"]
+        self.monitor = PowerMonitor(config["events"], model.phases, clock, self.publish_event,
+                                    lambda: store.next_number("event"), pilot["sample_ms"], pilot["debounce_ms"],
+                                    lambda: self.inputs.sampled_ms)
+        self.monitor.session_of = self.engine.open_session_id
+        self.inputs = InputMonitor(ports.pins, config["io"], clock, self)
+        # Meter faults, register anomalies, journal alarms and damage found at start are
+        # events an operator sees.
+        journal = outbox.journal
+        journal.alarm = self.on_journal_alarm
+        self.engine.alarm = self.monitor.alarm
+        meter.alarm = self.monitor.alarm
+        meter.notice = self.monitor.notice
+        for type_, values in store.damage + journal.damage:
+            self.monitor.notice(type_, values)
+        self.restored = self.engine.restore()  # the session continued, or None
+        self.discovery = None
+        if config["homeassistant"]["enabled"]:
+            from .ha_discovery import Discovery
+            self.discovery = Discovery(config, model, outbox.publisher, __version__)
+        self.identification = None  # identification.IdentificationDesk (RFID reader), if any
+        if ports.reader_stream is not None:
+            from .identification import identification_desk
+            self.identification = identification_desk(config, clock, self.engine, outbox.publisher,
+                                                      self.topics, ports.reader_stream)
+        self.console = None
+        if ports.console_stream is not None:
+            from .console import Console
+            self.console = Console(self, ports.console_stream, ports.board, ports.restart)
 
     # -- wiring callbacks --------------------------------------------------------------
 
@@ -164,19 +205,19 @@ class Agent:
         if path == "meter.poll_interval_s":
             self._poll_ms = int(value * 1000)
         elif path == "meter.timeout_ms":
-            self.meter.master.timeout_ms = value
+            self.meter.master.set_timing(value, self.meter.master.retries)
         elif path == "meter.retries":
-            self.meter.master.retries = value
+            self.meter.master.set_timing(self.meter.master.timeout_ms, value)
         elif path == "mqtt.telemetry_interval_s":
             self._telemetry_ms = int(value * 1000)
         elif path == "mqtt.status_interval_s":
             self._status_ms = int(value * 1000)
         elif path == "journal.sync_interval_s":
-            journal.sync_ms = int(value * 1000)
+            journal.set_sync_intervals(int(value * 1000), journal.cursor_sync_ms)
         elif path == "journal.cursor_sync_s":
-            journal.cursor_sync_ms = int(value * 1000)
-        elif path == "journal.window" and self.forwarder is not None:
-            self.forwarder.window = value
+            journal.set_sync_intervals(journal.sync_ms, int(value * 1000))
+        elif path == "journal.window":
+            self.forwarder.set_window(value)
         # The power monitor reads its thresholds from this same config on every check.
         section = self.config
         parts = path.split(".")
@@ -357,40 +398,3 @@ class Agent:
     def publish_meter_status(self):
         self.outbox.post(self.topics.meter, meter_status_doc(self.meter, self.clock), qos=1, retain=True)
 
-
-def attach_charge_point(agent, store, signer, pins):
-    """Give ``agent`` its session engine, power monitor and input monitor, continue an open
-    session, and announce the station to Home Assistant if ``homeassistant.enabled``: the same
-    wiring on every port (``pins`` is the port's pin bank)."""
-    from .events import PowerMonitor
-    from .pilot import InputMonitor
-    from .session import SessionEngine
-
-    config = agent.config
-    model = agent.meter.model
-    identity = {
-        "gateway_vendor": config["signing"]["gateway_vendor"],
-        "gateway_serial": config["signing"]["gateway_serial"] or config["station_id"],
-        "gateway_version": __version__,
-        "meter_vendor": model.vendor,
-        "meter_model": model.product,
-    }
-    agent.engine = SessionEngine(config, store, signer, agent.clock, agent.meter, agent.publish,
-                                 agent.request_reading, identity)
-    pilot = config["io"]["pilot"]
-    agent.monitor = PowerMonitor(config["events"], model.phases, agent.clock, agent.publish_event,
-                                 lambda: store.next_number("event"), pilot["sample_ms"], pilot["debounce_ms"],
-                                 lambda: agent.inputs.sampled_ms)
-    agent.monitor.session_of = agent.engine.open_session_id
-    agent.inputs = InputMonitor(pins, config["io"], agent.clock, agent)
-    # Meter faults, register anomalies and damage found at start are events an operator sees.
-    agent.engine.alarm = agent.monitor.alarm
-    agent.meter.alarm = agent.monitor.alarm
-    agent.meter.notice = agent.monitor.notice
-    journal = getattr(agent.outbox, "journal", None)
-    for type_, values in getattr(store, "damage", []) + getattr(journal, "damage", []):
-        agent.monitor.notice(type_, values)
-    agent.engine.restore()
-    if config["homeassistant"]["enabled"]:
-        from .ha_discovery import Discovery
-        agent.discovery = Discovery(config, model, agent.outbox.publisher, __version__)
