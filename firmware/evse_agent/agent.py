@@ -145,23 +145,19 @@ class Agent:
 
     def publish_event(self, event):
         """Power monitor output: every raise and clear, QoS 1."""
-        if self.engine is not None:
-            self.engine.note_event(event)
+        self.engine.note_event(event)
         level = log.warning if event.severity != "info" else log.info
         level("event %s %s %s" % (event.type, "raised" if event.end is None else "cleared", event.values))
         self.outbox.record(EVENT, event_doc(event))
 
     def on_journal_alarm(self, name, active, values):
         """Journal alarm (journal_full, disk_error): raised and cleared as events."""
-        if self.monitor is not None:
-            self.monitor.alarm(name, active, values)
+        self.monitor.alarm(name, active, values)
 
     def on_fault(self, where, error):
         """A listener ran out of memory or met a disk error: the ``agent_fault`` alarm, raised
         until the session engine has handled a reading without one (its work is retried)."""
         log.error("agent fault in %s: %r" % (where, error))
-        if self.monitor is None:
-            return
         try:
             self.monitor.alarm("agent_fault", True, {"where": where, "error": "%s: %s" % (type(error).__name__, error)})
         except Exception as again:  # the journal may refuse the event too: the log has it
@@ -175,7 +171,7 @@ class Agent:
             self.on_fault("readings", error)
             return
         monitor = self.monitor
-        if monitor is not None and "agent_fault" in monitor.active:
+        if "agent_fault" in monitor.active:
             monitor.alarm("agent_fault", False, {"where": "readings"})
 
     def request_reading(self):
@@ -184,11 +180,9 @@ class Agent:
 
     def on_inputs(self, inputs, now_ms):
         """Input monitor listener: debounced pilot / contactor change."""
-        if self.monitor is not None:
-            self.monitor.on_inputs(inputs, now_ms)
-            self._supervise.set()
-        if self.engine is not None:
-            self.engine.on_inputs(inputs, now_ms)
+        self.monitor.on_inputs(inputs, now_ms)
+        self._supervise.set()
+        self.engine.on_inputs(inputs, now_ms)
 
     @staticmethod
     def live_setting(path):
@@ -233,8 +227,7 @@ class Agent:
         self._stopping = True
         self._wake.set()
         self._supervise.set()
-        if self.inputs is not None:
-            self.inputs.stop()
+        self.inputs.stop()
         if self.identification is not None:
             self.identification.stop()
 
@@ -242,11 +235,8 @@ class Agent:
 
     async def run(self, duration_s=None):
         """Run every task until ``stop()`` or until ``duration_s`` seconds have passed."""
-        tasks = [asyncio.create_task(self._poll_loop(duration_s))]
-        if self.inputs is not None:
-            tasks.append(asyncio.create_task(self.inputs.run()))
-        if self.monitor is not None:
-            tasks.append(asyncio.create_task(self._supervisor()))
+        tasks = [asyncio.create_task(self._poll_loop(duration_s)), asyncio.create_task(self.inputs.run()),
+                 asyncio.create_task(self._supervisor())]
         forwarding = None
         if self.forwarder is not None:
             forwarding = asyncio.create_task(self.forwarder.run())
@@ -355,12 +345,10 @@ class Agent:
                     self._post_telemetry(self.latest, True)
                 continue
             self.latest = reading
-            if self.engine is not None:
-                self._engine_reading(reading)
-            if self.monitor is not None:
-                advertised = self.engine.inputs.advertised_a if self.engine and self.engine.inputs else None
-                self.monitor.on_reading(reading, advertised, clock.monotonic_ms())
-                self._supervise.set()  # the reading waits for the input samples to confirm it
+            self._engine_reading(reading)
+            advertised = self.engine.inputs.advertised_a if self.engine.inputs else None
+            self.monitor.on_reading(reading, advertised, clock.monotonic_ms())
+            self._supervise.set()  # the reading waits for the input samples to confirm it
             finished = self.aggregator.add(reading)
             if finished is not None:
                 self.outbox.record(AGGREGATE, finished)
@@ -379,21 +367,20 @@ class Agent:
         return False
 
     def _post_telemetry(self, reading, stale):
-        session_energy = None if self.engine is None else self.engine.energy_so_far()
-        self.outbox.post(self.topics.telemetry, telemetry_doc(reading, session_energy, stale, self.clock.time()))
+        self.outbox.post(self.topics.telemetry,
+                         telemetry_doc(reading, self.engine.energy_so_far(), stale, self.clock.time()))
 
     def publish_state(self):
         """The retained charge-point state again (after a reconnect), once it is known."""
         engine = self.engine
-        if engine is not None and engine.inputs is not None and getattr(self.meter.link, "cycles", 1):
+        if engine.inputs is not None and getattr(self.meter.link, "cycles", 1):
             self.publish("state", engine.state_doc())
 
     def _on_link_change(self, link, first=False):
         """The meter link changed (``first``: the first cycle told its state)."""
-        if self.monitor is not None and not first:
+        if not first:
             self.monitor.on_meter_link(link.online, link.last_error)
-        if self.engine is not None:
-            self.engine.on_meter_link(link.online, first)
+        self.engine.on_meter_link(link.online, first)
 
     def publish_meter_status(self):
         self.outbox.post(self.topics.meter, meter_status_doc(self.meter, self.clock), qos=1, retain=True)
