@@ -36,9 +36,7 @@ never dropped: past the bound they go into the reserve and a ``journal_full`` al
 raised; if the disk itself refuses a write, ``disk_error`` is raised and the record is
 kept in memory (and still published) until a write succeeds.
 
-The file system object (port) offers: ``listdir()``, ``open_append(name)``,
-``sync_file(handle)``, ``sync_dir()``, ``truncate(name, size)``, ``remove(name)``,
-``rename(old, new)``, ``read(name)``, ``read_from(name, offset)``, ``write_atomic(name, data)``.
+The file system object is the port's (contract in ``ports/__init__.py``).
 """
 
 import json
@@ -572,6 +570,11 @@ class Journal:
             self.synced_seq = self.segments[-1].last_seq
         self._close_handle()
         self._new_segment(first_seq)
+
+    def set_sync_intervals(self, sync_ms, cursor_sync_ms):
+        """Changed fsync and cursor-save intervals, used from the next ``tick``."""
+        self.sync_ms = sync_ms
+        self.cursor_sync_ms = cursor_sync_ms
 
     def tick(self, now_ms):
         """Periodic work: batched fsync, cursor persistence, pending retries."""

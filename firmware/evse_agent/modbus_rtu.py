@@ -5,12 +5,8 @@ Framing is pure and works on bytes (``crc16``, ``build_read_request``,
 byte stream the port hands it, with inter-frame silence, a response timeout, an
 inter-character gap limit, and a bounded number of retries.
 
-The stream is an object with:
-
-- ``write(data)`` — send bytes (small frames; may block for their wire time);
-- ``await read(max_bytes, timeout_ms)`` — bytes that arrived within ``timeout_ms``
-  (at least one byte, or ``b""`` on timeout);
-- ``reset_input()`` — drop bytes not yet read.
+The stream is the port's byte stream (``write``, ``await read``, ``reset_input``; the
+contract is in ``ports/__init__.py``).
 """
 
 import asyncio
@@ -203,6 +199,13 @@ class RtuMaster:
         self.stats = MasterStats()
         self._last_activity_ms = clock.monotonic_ms() - self.silence_ms
         self._lock = asyncio.Lock()
+
+    def set_timing(self, timeout_ms, retries):
+        """A changed response timeout and retry count, used from the next transaction."""
+        if retries < 0 or retries > 10:
+            raise ValueError("retries %r is outside 0..10" % (retries,))
+        self.timeout_ms = timeout_ms
+        self.retries = retries
 
     async def read_registers(self, unit, function, address, count):
         """Register bytes (2 per register) read with retries; raises the last ModbusError."""

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from evse_agent.ocmf import parse_document
-from evse_agent.ports import p256
+from evse_agent.ports.micropython import p256
 from evse_tools.testkit import mpy_unix
 from evse_tools.cli.mpy_build import compile_core, core_sources, mpremote_command
 from evse_tools.sim.pty_link import PtyLink
@@ -272,7 +272,7 @@ def test_no_module_outside_ports_imports_a_platform_module():
             assert module in CORE_ALLOWED, "%s imports %s: not known to be portable" % (name, module)
         checked += 1
     assert checked >= 17
-    for module in _imports(os.path.join(core, "ports", "p256.py")):
+    for module in _imports(os.path.join(core, "ports", "micropython", "p256.py")):
         assert module in CORE_ALLOWED
 
 

@@ -47,7 +47,6 @@ from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from evse_agent import __version__
-from evse_agent.agent import Agent, attach_charge_point
 from evse_agent.config import validate
 from evse_agent.ha_discovery import Discovery, discovery_messages
 from evse_agent.messages import Outbox, meter_status_doc, telemetry_doc
@@ -55,7 +54,9 @@ from evse_agent.meter import ModbusMeter
 from evse_agent.meter_models import ABB_B23, SDM120, SDM630
 from evse_agent.modbus_rtu import RtuMaster
 from evse_agent.pilot import InputState
+from evse_agent.ports.cpython.fs import FileSystem
 from evse_agent.reading import Reading
+from evse_agent.station import Ports, build_station
 from evse_tools.testkit.subscriber import Collector
 from evse_tools.sim.vehicle_sim import VehicleSim
 from conftest import wait_for
@@ -779,17 +780,16 @@ def test_no_birth_subscription_when_the_birth_topic_is_null():
     assert publisher.subscriptions == {}
 
 
-def test_the_wiring_adds_discovery_only_when_enabled(tmp_path):
-    """attach_charge_point (both ports' wiring) gives the agent its discovery task when
+def test_the_station_has_discovery_only_when_enabled(tmp_path):
+    """build_station (both ports' wiring) gives the agent its discovery task when
     homeassistant.enabled, and none otherwise."""
     for enabled in (True, False):
-        station = Station(tmp_path / str(enabled))
-        config = validate(dict(BOARD, homeassistant={"enabled": enabled},
-                               session={"state_dir": str(tmp_path / str(enabled) / "state")}))
+        root = tmp_path / str(enabled)
+        station = Station(root)
+        config = validate(dict(BOARD, homeassistant={"enabled": enabled}, session={"state_dir": str(root / "state")},
+                               journal={"dir": str(root / "journal")}))
         publisher = Publisher()
-        outbox = Outbox(publisher, "sim-001", SimpleNamespace(next_seq=1))
-        agent = Agent(config, station.meter, outbox, station.clock)
-        attach_charge_point(agent, station.store, station.signer, pins=None)
+        agent = build_station(config, station.clock, Ports(None, FileSystem, publisher, None, station.signer))
         assert (agent.discovery is not None) == enabled
         assert bool(publisher.subscriptions) == enabled
 

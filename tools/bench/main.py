@@ -352,7 +352,7 @@ def _cpython_sign_ms(count=20):
     """Milliseconds per signature under CPython: the same pure-Python signer, and cryptography."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
-    from evse_agent.ports import p256
+    from evse_agent.ports.micropython import p256
     key = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
     signer = p256.Signer(key)
     started = time.perf_counter()

@@ -1,11 +1,12 @@
 """Fleet simulation: N stations in one process against one mosquitto, and what it costs.
 
-Each station is a full agent core wired exactly as ``evse-agent`` wires it
-(``ports.cpython.main.build_agent``: RTU master, meter, session engine, power monitor,
-input monitor, journal on disk, forwarder, paho publisher with its own connection, signing
-key), but its hardware is simulated in memory: a meter that answers Modbus RTU frames with
-the wire time of the bytes (``SimulatedMeterLine``) and a car that plugs in, charges and
-leaves on a seeded schedule (``ScriptedCar``). All stations share one asyncio loop.
+Each station is a full agent core built exactly as ``evse-agent`` builds it
+(``ports.cpython.main.build_agent``, then ``station.build_station``: RTU master, meter,
+session engine, power monitor, input monitor, journal on disk, forwarder, paho publisher
+with its own connection, signing key), but its hardware is simulated in memory: a meter that
+answers Modbus RTU frames with the wire time of the bytes (``SimulatedMeterLine``) and a car
+that plugs in, charges and leaves on a seeded schedule (``ScriptedCar``). All stations share
+one asyncio loop.
 
 Stations run in worker processes of at most ``STATIONS_PER_PROCESS`` (paho's select()
 loop cannot use descriptors above 1023). Reports, per fleet size, messages/s arriving at a

@@ -2,10 +2,10 @@
 
     python -m evse_tools.sim.fleet_week --broker 127.0.0.1:1883 --out DIR [--stations 4] [--days 7] [--seed 7]
 
-Each station is the agent's own core: a real ``Agent`` with ``attach_charge_point`` (session
-engine, power monitor), the outbox, a journal on disk, the forwarder and the Linux port's MQTT
+Each station is the agent's own core, built by ``station.build_station`` (session engine,
+power monitor, the outbox, a journal on disk, the forwarder) on the Linux port's MQTT
 publisher and file-key signer (a P-256 key per station, its public key also written as PEM).
-Only the meter and the pins are synthetic: a world timeline says, minute by minute, what the
+Only the meter's readings and the pins are synthetic: a world timeline says, minute by minute, what the
 pilot, the contactor, the advertised current, the car's draw, the supply voltage and the meter
 link do, and a fast clock steps through it without waiting. The import register advances by
 exactly power x time in integer Wh (charging powers are multiples of 60 W, so a minute at
@@ -31,12 +31,9 @@ import random
 import sys
 import time
 
-from evse_agent.agent import Agent, attach_charge_point
 from evse_agent.config import validate
-from evse_agent.forwarder import Forwarder
-from evse_agent.journal import AGGREGATE, EVENT, SESSION, Journal
-from evse_agent.messages import Outbox, Topics, iso_utc
-from evse_agent.meter import MeterLink
+from evse_agent.journal import AGGREGATE
+from evse_agent.messages import Topics, iso_utc
 from evse_agent.meter_models import SDM630
 from evse_agent.pilot import InputState
 from evse_agent.ports.cpython.fs import FileSystem
@@ -44,7 +41,7 @@ from evse_agent.ports.cpython.mqtt import MqttPublisher
 from evse_agent.ports.cpython.signer import FileKeySigner
 from evse_agent.reading import Reading
 from evse_agent.registers import energy_resolution_mwh
-from evse_agent.store import StateStore
+from evse_agent.station import Ports, build_station
 
 from ..bench.main import FastClock
 
@@ -241,31 +238,55 @@ def place_faults(rng, world, sessions, heavy):
     world.faults.sort(key=lambda fault: fault[1])
 
 
-class RecordingOutbox(Outbox):
-    """The agent's outbox, also keeping the session end records and events it journals."""
+class RecordingPublisher:
+    """The station's publisher, also keeping the session end records and events the forwarder
+    hands it; a record sent again after a reconnect counts once (by its seq)."""
 
-    def __init__(self, *args):
-        Outbox.__init__(self, *args)
-        self.ended = []
-        self.events = []
+    def __init__(self, publisher, topics):
+        self.publisher = publisher
+        self.session_topic = topics.session
+        self.event_topic = topics.event
+        self._ended = {}
+        self._events = {}
 
-    def record(self, rtype, doc):
-        seq = Outbox.record(self, rtype, doc)
-        if rtype == SESSION and doc.get("event") == "end":
-            self.ended.append(json.loads(json.dumps(doc)))
-        elif rtype == EVENT:
-            self.events.append(json.loads(json.dumps(doc)))
-        return seq
+    def __getattr__(self, name):  # start, stop, connected, connects, ...: the publisher's own
+        return getattr(self.publisher, name)
+
+    def publish(self, topic, payload, qos=0, retain=False):
+        token = self.publisher.publish(topic, payload, qos, retain)
+        if token is not None and topic in (self.session_topic, self.event_topic):
+            doc = json.loads(payload)
+            if topic == self.event_topic:
+                self._events[doc["seq"]] = doc
+            elif doc.get("event") == "end":
+                self._ended[doc["seq"]] = doc
+        return token
+
+    def drain_acked(self):
+        return self.publisher.drain_acked()
+
+    @property
+    def ended(self):
+        """The session end records, in journal order."""
+        return [self._ended[seq] for seq in sorted(self._ended)]
+
+    @property
+    def events(self):
+        """Every event record (raised and cleared), in journal order."""
+        return [self._events[seq] for seq in sorted(self._events)]
 
 
-class SyntheticMeter:
-    """What the agent asks of a meter besides readings: its model and link health."""
+class NoMeterLine:
+    """The meter's byte stream, never used: the readings come from the world, not over Modbus."""
 
-    def __init__(self, clock):
-        self.model = SDM630
-        self.unit_id = 1
-        self.serial = None
-        self.link = MeterLink(3, clock.monotonic_ms())
+    def write(self, data):
+        raise RuntimeError("the simulated station feeds its readings directly")
+
+    async def read(self, max_bytes, timeout_ms):
+        raise RuntimeError("the simulated station feeds its readings directly")
+
+    def reset_input(self):
+        pass
 
 
 class NoPins:
@@ -299,7 +320,8 @@ def _deliver(agent, reading):
 
 
 def run_station(station_id, world, register_wh, station_dir, broker_host, broker_port, drain_timeout_s=60):
-    """Drive one station's core through ``world``; returns (outbox, journal last seq, signer)."""
+    """Drive one station's core through ``world``; returns (the recording publisher, journal last
+    seq, signer)."""
     config = validate({
         "station_id": station_id,
         "meter": {"model": "sdm630", "port": "/dev/null"},
@@ -311,22 +333,19 @@ def run_station(station_id, world, register_wh, station_dir, broker_host, broker
     })
     clock = FastClock(float(WEEK_START))
     signer = FileKeySigner(config["signing"]["key_file"])
-    store = StateStore(FileSystem(config["session"]["state_dir"]))
-    journal = Journal(FileSystem(config["journal"]["dir"]), config["journal"], clock)
-    journal.recover()
     topics = Topics(config["mqtt"]["topic_prefix"], station_id)
-    publisher = MqttPublisher(config["mqtt"], topics.status)
+    publisher = RecordingPublisher(MqttPublisher(config["mqtt"], topics.status), topics)
     publisher.start()
+    journal = None
     try:
         if not publisher.wait_connected(10):
             raise RuntimeError("station %s: no connection to the broker at %s:%d (%s)"
                                % (station_id, broker_host, broker_port, publisher.last_error))
-        forwarder = Forwarder(journal, publisher, topics, clock, config["journal"]["window"])
-        outbox = RecordingOutbox(publisher, station_id, journal, forwarder)
-        meter = SyntheticMeter(clock)
-        agent = Agent(config, meter, outbox, clock, forwarder=forwarder)
-        journal.alarm = agent.on_journal_alarm
-        attach_charge_point(agent, store, signer, NoPins())
+        agent = build_station(config, clock, Ports(NoMeterLine(), FileSystem, publisher, NoPins(), signer))
+        journal = agent.outbox.journal
+        forwarder = agent.forwarder
+        outbox = agent.outbox
+        meter = agent.meter
         link = meter.link
         reported = None
         last_inputs = None
@@ -368,10 +387,11 @@ def run_station(station_id, world, register_wh, station_dir, broker_host, broker
                                    % (station_id, journal.acked, written, drain_timeout_s))
             forwarder.pump()
             time.sleep(0.002)
-        return outbox, written, signer
+        return publisher, written, signer
     finally:
         publisher.stop()
-        journal.close()
+        if journal is not None:
+            journal.close()
 
 
 def _day_of(minute):
@@ -466,9 +486,9 @@ def hour_of_week(worlds, days):
     return result
 
 
-def _check_against_core(station_id, truth, outbox):
+def _check_against_core(station_id, truth, recorded):
     """Refuse a ground truth that the core's own records contradict."""
-    ended = {doc["session_id"]: doc for doc in outbox.ended}
+    ended = {doc["session_id"]: doc for doc in recorded.ended}
     for expected in truth["sessions"]:
         got = ended.get(expected["session_id"])
         if got is None:
@@ -489,7 +509,7 @@ def _check_against_core(station_id, truth, outbox):
         raise RuntimeError("station %s: the core ended %d sessions, the timeline has %d"
                            % (station_id, len(ended), len(truth["sessions"])))
     raised = {}
-    for doc in outbox.events:
+    for doc in recorded.events:
         raised.setdefault(doc["event_number"], doc)
         if doc["end"] is not None:
             raised[doc["event_number"]] = doc
@@ -529,8 +549,8 @@ def generate(broker_host, broker_port, workdir, stations=4, days=7, seed=7, prog
         place_faults(rng, world, sessions, heavy=index == heavy_index)
         register_wh = rng.randint(1000000, 5000000)
         station_truth = ground_truth_of(station_id, sessions, world, register_wh, days)
-        outbox, written, signer = run_station(station_id, world, register_wh, station_dir, broker_host, broker_port)
-        _check_against_core(station_id, station_truth, outbox)
+        recorded, written, signer = run_station(station_id, world, register_wh, station_dir, broker_host, broker_port)
+        _check_against_core(station_id, station_truth, recorded)
         pem = signer.public_key_pem()
         key_path = os.path.join(workdir, "keys", station_id + ".pem")
         with open(key_path, "w") as handle:

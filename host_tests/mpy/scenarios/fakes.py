@@ -4,7 +4,7 @@ import asyncio
 import struct
 
 from evse_agent.modbus_rtu import crc16
-from evse_agent.ports.p256 import Signer
+from evse_agent.ports.micropython.p256 import Signer
 
 # A fixed station key (a test key, never used on a station).
 STATION_KEY = 0x3A1F5C7E9B2D4F6081A3C5E7092B4D6F8A1C3E5079B2D4F6183A5C7E9B0D2F41

@@ -61,7 +61,7 @@ async def run(name, error):
     pins = Pins()
     publisher = Publisher()
     refusal = Refusal(error)
-    station = Station(config, clock, root, image, pins, publisher)
+    station = Station(config, clock, image, pins, publisher)
     refusal.install(station.journal)
     script = ((2, 9.0, 26.7, False, False), (5, 6.0, 26.7, True, True), (40, 9.0, 26.7, False, False),
               (45, 12.0, 100.0, False, False))
@@ -77,7 +77,7 @@ async def run(name, error):
                 "open_session_file": station.store.load_open_session() is not None,
                 "ending": len(station.engine.ending), "refused": refusal.refused > 0,
                 "faults": _faults(station)})
-            station = Station(config, clock, root, image, pins, publisher)
+            station = Station(config, clock, image, pins, publisher)
             refusal.install(station.journal)
             harness.emit(name + "_restart", {"session": station.restored.id if station.restored else None,
                                              "ending": len(station.engine.ending)})

@@ -4,7 +4,7 @@ import hashlib
 import time
 
 import harness
-from evse_agent.ports import p256
+from evse_agent.ports.micropython import p256
 
 # RFC 6979 appendix A.2.5 (ECDSA, 256 bits (prime field)), key pair and SHA-256 signatures.
 KEY = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721

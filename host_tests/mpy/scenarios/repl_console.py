@@ -12,7 +12,6 @@ import harness
 from fakes import FakeClock, Pins, Publisher, RegisterMeter
 from evse_agent import log
 from evse_agent.config import validate
-from evse_agent.console import Console
 from evse_agent.ports.micropython.console import ReplStream
 from session_scenario import Station
 
@@ -42,10 +41,9 @@ async def main():
     image.set_float(0x0000, 230.0)
     image.set_float(0x0048, 1234.5)
     image.set_uint32(0xFC00, 12345678)
-    station = Station(config, RealClock(), root, image, Pins(), Publisher())
+    stream = ReplStream(on_escape=lambda: station.agent.stop())
+    station = Station(config, RealClock(), image, Pins(), Publisher(), stream)
     agent = station.agent
-    stream = ReplStream(on_escape=agent.stop)
-    agent.console = Console(agent, stream)
     try:
         await agent.run()
     finally:

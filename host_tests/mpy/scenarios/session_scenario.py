@@ -1,7 +1,7 @@
 """The core scenario: a charging session with journal and OCMF, an agent restart inside it.
 
 Everything is the portable core (meter over Modbus RTU, input monitor, session engine,
-power monitor, journal, outbox, forwarder), wired as the agent wires it, on this platform's
+power monitor, journal, outbox, forwarder), built by ``station.build_station``, on this platform's
 file system port, with the portable P-256 signer and a hand-moved clock. The lines printed
 are compared with CPython's; the OCMF documents are verified with ``cryptography`` there.
 """
@@ -11,49 +11,32 @@ import json
 import harness
 from fakes import FakeClock, Pins, Publisher, RegisterMeter, ScriptedStream, signer
 from evse_agent import log
-from evse_agent.agent import Agent
 from evse_agent.config import validate
-from evse_agent.events import PowerMonitor
-from evse_agent.forwarder import Forwarder
-from evse_agent.journal import SESSION, Journal
-from evse_agent.messages import Outbox, Topics
-from evse_agent.meter import ModbusMeter
-from evse_agent.meter_models import SDM630
-from evse_agent.modbus_rtu import RtuMaster
-from evse_agent.pilot import InputMonitor
-from evse_agent.session import SessionEngine
-from evse_agent.store import StateStore
+from evse_agent.journal import SESSION
+from evse_agent.station import Ports, build_station
 
 POWER_W = 11040  # 16 A on three phases at 230 V
 
 
 class Station:
-    """The agent's objects, built the way the port's main builds them."""
+    """The agent built by ``station.build_station``, as the port's main builds it, with its
+    parts at hand for the scenario."""
 
-    def __init__(self, config, clock, root, image, pins, publisher):
+    def __init__(self, config, clock, image, pins, publisher, console_stream=None):
         self.clock = clock
-        self.store = StateStore(harness.port_fs(root + "/state"))
-        self.journal = Journal(harness.port_fs(root + "/journal"), config["journal"], clock)
-        self.recovery = self.journal.recover()
         self.stream = ScriptedStream(clock, [], always=image.answer, keep=False)
-        master = RtuMaster(self.stream, clock, 9600, config["meter"]["timeout_ms"], config["meter"]["retries"])
-        self.meter = ModbusMeter(master, SDM630, 1, clock, config["meter"]["offline_after"])
-        topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
-        self.forwarder = Forwarder(self.journal, publisher, topics, clock, config["journal"]["window"])
-        self.outbox = Outbox(publisher, config["station_id"], self.journal, self.forwarder)
-        self.agent = Agent(config, self.meter, self.outbox, clock, forwarder=self.forwarder)
-        self.journal.alarm = self.agent.on_journal_alarm
-        identity = {"gateway_vendor": "evse-agent", "gateway_serial": config["station_id"],
-                    "gateway_version": "0.1.0", "meter_vendor": SDM630.vendor, "meter_model": SDM630.product}
-        self.engine = SessionEngine(config, self.store, signer(), clock, self.meter, self.agent.publish,
-                                    self.agent.request_reading, identity)
-        self.monitor = PowerMonitor(config["events"], 3, clock, self.agent.publish_event,
-                                    lambda: self.store.next_number("event"))
-        self.agent.engine = self.engine
-        self.agent.monitor = self.monitor
-        self.inputs = InputMonitor(pins, config["io"], clock, self.agent)
-        self.agent.inputs = self.inputs
-        self.restored = self.engine.restore()
+        ports = Ports(self.stream, harness.port_fs, publisher, pins, signer(), console_stream=console_stream)
+        self.agent = build_station(config, clock, ports)
+        self.outbox = self.agent.outbox
+        self.journal = self.outbox.journal
+        self.recovery = self.journal.report
+        self.forwarder = self.agent.forwarder
+        self.meter = self.agent.meter
+        self.engine = self.agent.engine
+        self.store = self.engine.store
+        self.monitor = self.agent.monitor
+        self.inputs = self.agent.inputs
+        self.restored = self.agent.restored
         self.transitions = -1
 
     async def poll(self):
@@ -107,7 +90,7 @@ async def main():
     energy_mwh = 1234567890  # the meter's import register, in mWh (it shows kWh as float32)
     pins = Pins()
     publisher = Publisher()
-    station = Station(config, clock, root, image, pins, publisher)
+    station = Station(config, clock, image, pins, publisher)
     harness.emit("start", {"recovery": station.recovery.as_dict(), "restored": station.restored is not None})
     # (second, pilot volts, duty %, contactor command, contactor feedback)
     script = ((2, 9.0, 26.7, False, False),   # plug in, 16 A offered
@@ -123,7 +106,7 @@ async def main():
             pins.set(volts, duty, command, feedback)
         if second == restart_at:
             # kill -9: nothing is closed; what was fsync'ed must carry the session on.
-            station = Station(config, clock, root, image, pins, publisher)
+            station = Station(config, clock, image, pins, publisher)
             harness.emit("restart", {"recovery": station.recovery.as_dict(),
                                      "session": station.restored.id if station.restored else None,
                                      "flags": station.restored.flags if station.restored else None})
