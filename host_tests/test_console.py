@@ -171,6 +171,11 @@ class StepClock:
         return True
 
 
+def unwrapped(text):
+    """Console output with wrapped lines (continuations indented by two) joined again."""
+    return re.sub(r"\r?\n  (?=\S)", " ", text)
+
+
 def test_journal_verify_accepts_folded_aggregates_and_names_damage(tmp_path):
     """Gaps a summary covers are fine; a damaged record is reported with the seq it took."""
     config = validate({"station_id": "s-1", "meter": {"model": "sdm630", "port": "/dev/null"},
@@ -191,8 +196,9 @@ def test_journal_verify_accepts_folded_aggregates_and_names_damage(tmp_path):
     stream = Capture()
     console = Console(agent, stream)
     asyncio.run(console._line("journal verify", None))
-    report = stream.text()
-    assert re.search(r"^journal verify: \d+ record\(s\), seq \d+\.\.%d, signatures not checked: ok$"
+    report = unwrapped(stream.text())
+    assert re.search(r"^journal verify: ok; \d+ record\(s\) in \d+ segment\(s\), seq \d+\.\.%d, "
+                     r"OCMF signatures not checked$"
                      % (journal.next_seq - 1), report, re.M), report
     segment = journal.segments[-3]
     records, _, _ = scan(journal.fs.read(segment.name))
@@ -201,10 +207,11 @@ def test_journal_verify_accepts_folded_aggregates_and_names_damage(tmp_path):
         handle.seek(victim.offset + 30)
         handle.write(b"#")
     asyncio.run(console._line("journal verify", None))
-    report = stream.text()
-    assert "FAIL  %s: 1 damaged stretch(es) skipped" % segment.name in report
-    assert "FAIL  seq %d missing (not covered by a summary)" % victim.seq in report
-    assert re.search(r"verify: \d+ record\(s\), .*: 2 problem\(s\)$", report, re.M)
+    report = unwrapped(stream.text())
+    assert re.search(r"^%s: bytes \d+\.\.\d+ are not a valid record" % segment.name, report, re.M)
+    assert ("seq %d missing between %d and %d (not covered by a summary record)"
+            % (victim.seq, victim.seq - 1, victim.seq + 1)) in report
+    assert re.search(r"^journal verify: 2 problem\(s\); \d+ record\(s\) in \d+ segment\(s\)", report, re.M)
 
 
 # -- the running agent's console over its pty ---------------------------------------------
@@ -392,9 +399,9 @@ def test_read_only_commands(console_station, station_dir):
 
     journal = cs.command("journal")
     assert re.search(r"^backlog +\d+ record\(s\) not yet acknowledged, 0 held in memory", journal, re.M)
-    verify = cs.command("journal verify")
+    verify = unwrapped(cs.command("journal verify"))
     # The begin record carries the begin document, the end record both.
-    assert re.search(r"journal verify: \d+ record\(s\), seq 1\.\.\d+, 3 OCMF signature\(s\) verified: ok", verify)
+    assert re.search(r"journal verify: ok; \d+ record\(s\) in \d+ segment\(s\), seq 1\.\.\d+, 3 OCMF signature\(s\) verified", verify)
     mqtt = cs.command("mqtt")
     assert re.search(r"^link +connected \(1 connect\(s\) since start\)", mqtt, re.M)
     assert re.search(r"^client id +evse-agent-sim-001$", mqtt, re.M)

@@ -893,7 +893,7 @@ def test_tool_verify_reports_damage_and_gaps_but_accepts_summaries(tmp_path):
     assert any(r.type == SUMMARY for r, _ in disk_records(good))
     status, out, _ = run_tool("--dir", str(good), "verify")
     assert status == 0, out
-    assert out.startswith("ok: ")
+    assert out.startswith("journal verify: ok; ")
 
 
 def test_tool_errors_are_one_clear_line(tmp_path):
