@@ -41,6 +41,10 @@ class Forwarder:
         self._stopping = False
         self._generation = journal.generation
 
+    def set_window(self, window):
+        """Hand at most ``window`` records to the publisher unacknowledged, from the next pump."""
+        self.window = window
+
     def wake(self):
         """New records were appended."""
         self._wake.set()
