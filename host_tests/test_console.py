@@ -24,10 +24,15 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, SIM_BOARD, wait_for
-from evse_agent.config import ConfigError, validate
+from evse_agent.agent import Agent
+from evse_agent.config import ConfigError, live_settings, setting_paths, validate
 from evse_agent.console import CommandError, Console, LineEditor, PinLock, match, pin_hash, pin_matches
 from evse_agent.journal import AGGREGATE, EVENT, Journal, scan
-from evse_agent.messages import Outbox, iso_utc
+from evse_agent.forwarder import Forwarder
+from evse_agent.messages import Outbox, Topics, iso_utc
+from evse_agent.meter import ModbusMeter
+from evse_agent.meter_models import model_named
+from evse_agent.modbus_rtu import RtuMaster
 from evse_agent.ports.cpython.fs import FileSystem
 from evse_tools.vehicle_sim import VehicleSim
 from test_sessions import FAST, public_key, verify_ocmf
@@ -212,6 +217,114 @@ def test_journal_verify_accepts_folded_aggregates_and_names_damage(tmp_path):
     assert ("seq %d missing between %d and %d (not covered by a summary record)"
             % (victim.seq, victim.seq - 1, victim.seq + 1)) in report
     assert re.search(r"^journal verify: 2 problem\(s\); \d+ record\(s\) in \d+ segment\(s\)", report, re.M)
+
+
+class BoardDoc:
+    """The port's board file, in memory."""
+
+    def __init__(self, doc):
+        self.doc = doc
+        self.overrides = []
+        self.path = "board.json"
+
+    def save(self, doc):
+        self.doc = doc
+        return "board.json.bak"
+
+
+def _live_station(tmp_path, doc):
+    """A whole in-process agent (real meter link, journal, forwarder) and its console."""
+    config = validate(json.loads(json.dumps(doc)))
+    clock = StepClock()
+    journal = Journal(FileSystem(str(tmp_path / "journal")), config["journal"], clock)
+    journal.recover()
+    master = RtuMaster(None, clock, config["meter"]["baudrate"], config["meter"]["timeout_ms"],
+                       config["meter"]["retries"])
+    meter = ModbusMeter(master, model_named("sdm630"), 1, clock)
+    outbox = Outbox(None, config["station_id"], journal)
+    forwarder = Forwarder(journal, None, Topics("evse", config["station_id"]), clock, config["journal"]["window"])
+    agent = Agent(config, meter, outbox, clock, forwarder=forwarder)
+    console = Console(agent, Capture(), BoardDoc(json.loads(json.dumps(doc))))
+    return agent, console
+
+
+def _in_use(agent, console, path):
+    """What the component that owns ``path`` uses now, in the setting's own units."""
+    owners = {
+        "meter.poll_interval_s": lambda: agent._poll_ms / 1000,
+        "meter.timeout_ms": lambda: agent.meter.master.timeout_ms,
+        "meter.retries": lambda: agent.meter.master.retries,
+        "mqtt.telemetry_interval_s": lambda: agent._telemetry_ms / 1000,
+        "mqtt.status_interval_s": lambda: agent._status_ms / 1000,
+        "journal.sync_interval_s": lambda: agent.outbox.journal.sync_ms / 1000,
+        "journal.cursor_sync_s": lambda: agent.outbox.journal.cursor_sync_ms / 1000,
+        "journal.window": lambda: agent.forwarder.window,
+        "console.lock_after_s": lambda: console.lock.lock_after_ms / 1000,
+        "console.max_line": lambda: console.editor.max_line,
+        "console.pin_hash": lambda: console.lock.pin_hash,
+    }
+    if path in owners:
+        return owners[path]()
+    node = agent.config  # description and events.*: read from the config on every check
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _value_for(path, field):
+    if field.kind is bool:
+        return st.booleans()
+    if field.kind is int:
+        return st.integers(min_value=field.minimum, max_value=field.maximum)
+    if field.kind is float:
+        return st.floats(min_value=field.minimum, max_value=field.maximum, allow_nan=False).map(
+            lambda v: round(v, 3))
+    if path == "console.pin_hash":
+        return st.tuples(st.text("0123456789", min_size=4, max_size=8), st.binary(min_size=4, max_size=8)).map(
+            lambda pair: pin_hash(pair[0], pair[1]))
+    return st.text("abcxyz-_.0123456789", max_size=30)
+
+
+@st.composite
+def live_changes(draw):
+    """A few (live setting, value) pairs: values in the field's range, some of them against
+    the rules between settings."""
+    fields = dict(setting_paths())
+    paths = draw(st.lists(st.sampled_from(live_settings()), min_size=1, max_size=6))
+    return [(path, draw(_value_for(path, fields[path]))) for path in paths]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=live_changes())
+def test_a_live_setting_reaches_its_owner_at_once(tmp_path, changes):
+    """Every setting the schema marks live, set on the console, is in use at once by the
+    component that owns it (through its setter) and kept in the agent's config; a value the
+    board's rules refuse changes nothing."""
+    doc = {"station_id": "s-1", "meter": {"model": "sdm630", "port": "/dev/null"},
+           "journal": {"dir": str(tmp_path / "journal")},
+           "console": {"pin_hash": pin_hash("2468", b"salt-123")}}
+    shutil.rmtree(str(tmp_path / "journal"), ignore_errors=True)
+    agent, console = _live_station(tmp_path, doc)
+    asyncio.run(console._line("unlock 2468", None))
+    said = console.stream.text()
+    assert console.lock.unlocked, said
+    for path, value in changes:
+        before = _in_use(agent, console, path)
+        board_before = json.dumps(console.board.doc, sort_keys=True)
+        asyncio.run(console._line("config set %s %s" % (path, json.dumps(value)), None))
+        said = console.stream.text()
+        if said.startswith("error: "):
+            assert path.startswith("events.") and "events." in said, said  # a rule between thresholds
+            assert _in_use(agent, console, path) == before
+            assert json.dumps(console.board.doc, sort_keys=True) == board_before
+            continue
+        assert "in use now" in said, said
+        in_use = _in_use(agent, console, path)
+        assert in_use == value or (isinstance(value, float) and abs(in_use - value) < 0.001), (path, in_use, value)
+        node = agent.config
+        for part in path.split("."):
+            node = node[part]
+        assert node == value
 
 
 # -- the running agent's console over its pty ---------------------------------------------
