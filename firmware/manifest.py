@@ -33,6 +33,7 @@ package(
         "ha_discovery.py",
         "identification.py",
         "journal.py",
+        "journal_check.py",
         "log.py",
         "messages.py",
         "meter.py",

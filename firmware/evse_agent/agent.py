@@ -42,11 +42,6 @@ SUPERVISOR_IDLE_MS = 1000
 # A clean stop waits at most this long for the broker to acknowledge the journaled records.
 STOP_FLUSH_MS = 3000
 
-# Settings the running agent takes into use at once (with every ``events.*`` threshold).
-LIVE_SETTINGS = ("description", "meter.poll_interval_s", "meter.timeout_ms", "meter.retries",
-                 "mqtt.telemetry_interval_s", "mqtt.status_interval_s", "journal.sync_interval_s",
-                 "journal.cursor_sync_s", "journal.window")
-
 
 def event_doc(event):
     """The event message body: type, severity, times, values, session."""
@@ -184,32 +179,28 @@ class Agent:
         self._supervise.set()
         self.engine.on_inputs(inputs, now_ms)
 
-    @staticmethod
-    def live_setting(path):
-        """True for the board settings ``apply_setting`` takes into use at once."""
-        return path in LIVE_SETTINGS or path.startswith("events.")
-
     def apply_setting(self, path, value):
-        """Take a changed board setting into use now, if that is safe: poll, telemetry and
-        journal intervals, Modbus timeout and retries, event thresholds. False when the
-        setting needs a restart."""
-        if not self.live_setting(path):
+        """Take a changed board setting into use now, if the schema marks it live: poll,
+        telemetry and journal intervals, Modbus timeout and retries, event thresholds (and
+        the console's own, which the console applies), each through its owner's setter; the
+        value is kept in ``config``. False when the setting needs a restart."""
+        from .config import is_live  # loaded when a setting changes, not at start
+        if not is_live(path):
             return False
-        journal = self.outbox.journal
         if path == "meter.poll_interval_s":
             self._poll_ms = int(value * 1000)
         elif path == "meter.timeout_ms":
-            self.meter.master.set_timing(value, self.meter.master.retries)
+            self.meter.set_link_timing(timeout_ms=value)
         elif path == "meter.retries":
-            self.meter.master.set_timing(self.meter.master.timeout_ms, value)
+            self.meter.set_link_timing(retries=value)
         elif path == "mqtt.telemetry_interval_s":
             self._telemetry_ms = int(value * 1000)
         elif path == "mqtt.status_interval_s":
             self._status_ms = int(value * 1000)
         elif path == "journal.sync_interval_s":
-            journal.set_sync_intervals(int(value * 1000), journal.cursor_sync_ms)
+            self.outbox.journal.set_sync_intervals(sync_interval_s=value)
         elif path == "journal.cursor_sync_s":
-            journal.set_sync_intervals(journal.sync_ms, int(value * 1000))
+            self.outbox.journal.set_sync_intervals(cursor_sync_s=value)
         elif path == "journal.window":
             self.forwarder.set_window(value)
         # The power monitor reads its thresholds from this same config on every check.

@@ -42,7 +42,7 @@ class Forwarder:
         self._generation = journal.generation
 
     def set_window(self, window):
-        """A changed number of records in flight, used from the next ``pump``."""
+        """Hand at most ``window`` records to the publisher unacknowledged, from the next pump."""
         self.window = window
 
     def wake(self):

@@ -140,14 +140,18 @@ class IdentificationDesk:
 
     # -- allow-list ------------------------------------------------------------------
 
-    def allow(self, uid):
+    def allow(self, uid, source):
+        """Add a tag to the allow-list; ``source`` names who changed the list (``status``)."""
         uid = parse_uid(uid)
         self.allowed = self.allowed | {uid}
+        self.allow_list_source = source
         return uid
 
-    def deny(self, uid):
+    def deny(self, uid, source):
+        """Take a tag off the allow-list; ``source`` as for ``allow``."""
         uid = parse_uid(uid)
         self.allowed = self.allowed - {uid}
+        self.allow_list_source = source
         return uid
 
     def on_allow_list_message(self, payload):

@@ -571,10 +571,13 @@ class Journal:
         self._close_handle()
         self._new_segment(first_seq)
 
-    def set_sync_intervals(self, sync_ms, cursor_sync_ms):
-        """Changed fsync and cursor-save intervals, used from the next ``tick``."""
-        self.sync_ms = sync_ms
-        self.cursor_sync_ms = cursor_sync_ms
+    def set_sync_intervals(self, sync_interval_s=None, cursor_sync_s=None):
+        """Use new ``journal.sync_interval_s`` / ``journal.cursor_sync_s`` (None: keep) from
+        the next ``tick``."""
+        if sync_interval_s is not None:
+            self.sync_ms = int(sync_interval_s * 1000)
+        if cursor_sync_s is not None:
+            self.cursor_sync_ms = int(cursor_sync_s * 1000)
 
     def tick(self, now_ms):
         """Periodic work: batched fsync, cursor persistence, pending retries."""

@@ -200,11 +200,14 @@ class RtuMaster:
         self._last_activity_ms = clock.monotonic_ms() - self.silence_ms
         self._lock = asyncio.Lock()
 
-    def set_timing(self, timeout_ms, retries):
-        """A changed response timeout and retry count, used from the next transaction."""
+    def set_timeout_ms(self, timeout_ms):
+        """Wait this long for a response from the next request on."""
+        self.timeout_ms = timeout_ms
+
+    def set_retries(self, retries):
+        """Retry a failed request this many times (0..10) from the next request on."""
         if retries < 0 or retries > 10:
             raise ValueError("retries %r is outside 0..10" % (retries,))
-        self.timeout_ms = timeout_ms
         self.retries = retries
 
     async def read_registers(self, unit, function, address, count):

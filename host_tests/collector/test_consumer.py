@@ -316,7 +316,8 @@ def test_verify_passes_on_a_journal_with_signed_sessions(tmp_path, signer):
     result = subprocess.run([TOOL, "--dir", str(tmp_path / "journal"), "verify", "--key", str(pem)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout == "ok: 30 records in %d segments, seq 1..30, 6 OCMF documents verified\n" % len(
+    assert result.stdout == ("journal verify: ok; 30 record(s) in %d segment(s), seq 1..30, "
+                             "6 OCMF signature(s) verified\n") % len(
         [n for n in os.listdir(tmp_path / "journal") if n.startswith("seg-")])
     status = journal_tool.main(["--dir", str(tmp_path / "journal"), "verify", "--key", signer.public_key_hex()])
     assert status == 0

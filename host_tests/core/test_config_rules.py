@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evse_agent.config import SCHEMA, ConfigError, parse_board, validate
+from evse_agent.config import SCHEMA, ConfigError, is_live, live_settings, load_board, parse_board, schema, validate
 
 MINIMAL = {"station_id": "st-1", "meter": {"model": "sdm630", "port": "/dev/ttyUSB0"}}
 
@@ -146,3 +147,84 @@ def test_missing_tls_file_is_named_with_its_path(tmp_path):
     assert "mqtt.tls.ca_file" in result.stderr and ca in result.stderr
     assert "No such file" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["board.json"]
+
+
+# --- the micropython section: the same schema, the same engine ----------------------------
+
+MPY_MINIMAL = dict(MINIMAL, micropython={"tx_pin": 17, "rx_pin": 16})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(p for p in _paths(schema("micropython"))
+                                                 if p.startswith("micropython."))), JSON_VALUES),
+                min_size=1, max_size=4))
+def test_any_value_in_the_micropython_section_is_taken_or_refused_cleanly(assignments):
+    """The microcontroller's section meets the engine every section meets: a value is taken
+    with its field's type and range, or refused with a short message naming the field."""
+    doc = json.loads(json.dumps(MPY_MINIMAL))
+    for path, value in assignments:
+        doc = _with_doc(doc, path, value)
+    fields = schema("micropython")["micropython"]
+    try:
+        config = validate(doc, "micropython")
+    except ConfigError as error:
+        message = str(error)
+        assert len(message) < 400, message
+        assert any(message.startswith(path + ":") for path, _ in assignments), message
+    else:
+        for name, field in fields.items():
+            value = config["micropython"][name]
+            if value is None:
+                assert field.nullable, name
+                continue
+            assert isinstance(value, field.kind) and not (isinstance(value, bool) and field.kind is int), name
+            assert field.minimum is None or value >= field.minimum, name
+            assert field.maximum is None or value <= field.maximum, name
+
+
+def test_micropython_section_is_known_only_to_its_port(tmp_path):
+    """The same file loads for the MicroPython port with its section filled, and the Linux
+    port refuses the section it has no use for, naming it; overrides reach the section."""
+    board = tmp_path / "esp32.json"
+    board.write_text(json.dumps(MPY_MINIMAL))
+    config = load_board(str(board), "micropython", overrides=["micropython.watchdog_s=0"])
+    assert config["micropython"]["watchdog_s"] == 0 and config["micropython"]["uart_id"] == 2
+    assert config["micropython"]["ntp_host"] == "pool.ntp.org" and config["micropython"]["de_pin"] is None
+    common = dict(config)
+    del common["micropython"]
+    assert common == validate(json.loads(json.dumps(MINIMAL)))
+    with pytest.raises(ConfigError, match=r"esp32.json: micropython: unknown field"):
+        load_board(str(board))
+    with pytest.raises(ConfigError, match=r"micropython.uart_id: 7 is above the maximum 3"):
+        load_board(str(board), "micropython", overrides=["micropython.uart_id=7"])
+    with pytest.raises(ConfigError, match=r"port \"esp8266\": unknown"):
+        load_board(str(board), "esp8266")
+
+
+def test_deploy_refuses_a_board_the_agent_would_refuse(tmp_path, capsys):
+    """evse-deploy loads the board with the agent's loader first: a broken micropython
+    section stops it before anything is compiled or sent (exit 2, the field named)."""
+    from evse_tools.cli import deploy
+    board = tmp_path / "esp32.json"
+    board.write_text(json.dumps(dict(MINIMAL, micropython={"tx_pin": 17})))
+    assert deploy.main(["--port", "/dev/null", "--board", str(board), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "micropython.rx_pin: missing" in err and str(board) in err
+
+
+# --- settings that take effect at once ------------------------------------------------------
+
+
+def test_live_settings_come_from_the_schema_and_the_docs_list_them():
+    """The schema marks a setting live; ``is_live`` and the list derive from it, and the
+    console's documented command table names exactly those."""
+    live = live_settings()
+    assert all(is_live(path) for path in live)
+    assert not is_live("mqtt.keepalive_s") and not is_live("nope.nothing")
+    assert {p for p in _paths(SCHEMA) if p.startswith("events.")} <= set(live)
+    with open(os.path.join(ROOT, "docs", "console.md")) as handle:
+        row = [line for line in handle if line.startswith("| `config set <setting> <value>`")][0]
+    named = row.split("marks live (")[1].split(")")[0]
+    listed = [part.strip().strip("`") for part in named.split(",")]
+    expanded = [p for p in live if not p.startswith("events.")]
+    assert sorted(p for p in listed if p != "every `events.*") == sorted(expanded), listed

@@ -3,22 +3,28 @@ the journal check, in process.
 """
 
 import asyncio
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT
-from evse_agent.config import ConfigError, validate
+from evse_agent.config import ConfigError, live_settings, setting_paths, validate
 from evse_agent.console import CommandError, Console, LineEditor, PinLock, match, pin_hash, pin_matches
 from evse_agent.journal import AGGREGATE, EVENT, Journal, scan
 from evse_agent.messages import Outbox, iso_utc
 from evse_agent.ports.cpython.fs import FileSystem
+from evse_agent.ports.cpython.signer import FileKeySigner
+from evse_agent.ports.cpython.sim_pins import SimPinBank
+from evse_agent.station import Ports, build_station
+from test_station import Publisher
 
 
 # -- the line editor, the matcher and the lock, on bytes ----------------------------------
@@ -156,6 +162,11 @@ class StepClock:
         return True
 
 
+def unwrapped(text):
+    """Console output with wrapped lines (continuations indented by two) joined again."""
+    return re.sub(r"\r?\n  (?=\S)", " ", text)
+
+
 def test_journal_verify_accepts_folded_aggregates_and_names_damage(tmp_path):
     """Gaps a summary covers are fine; a damaged record is reported with the seq it took."""
     config = validate({"station_id": "s-1", "meter": {"model": "sdm630", "port": "/dev/null"},
@@ -176,8 +187,9 @@ def test_journal_verify_accepts_folded_aggregates_and_names_damage(tmp_path):
     stream = Capture()
     console = Console(agent, stream)
     asyncio.run(console._line("journal verify", None))
-    report = stream.text()
-    assert re.search(r"^journal verify: \d+ record\(s\), seq \d+\.\.%d, signatures not checked: ok$"
+    report = unwrapped(stream.text())
+    assert re.search(r"^journal verify: ok; \d+ record\(s\) in \d+ segment\(s\), seq \d+\.\.%d, "
+                     r"OCMF signatures not checked$"
                      % (journal.next_seq - 1), report, re.M), report
     segment = journal.segments[-3]
     records, _, _ = scan(journal.fs.read(segment.name))
@@ -186,7 +198,115 @@ def test_journal_verify_accepts_folded_aggregates_and_names_damage(tmp_path):
         handle.seek(victim.offset + 30)
         handle.write(b"#")
     asyncio.run(console._line("journal verify", None))
-    report = stream.text()
-    assert "FAIL  %s: 1 damaged stretch(es) skipped" % segment.name in report
-    assert "FAIL  seq %d missing (not covered by a summary)" % victim.seq in report
-    assert re.search(r"verify: \d+ record\(s\), .*: 2 problem\(s\)$", report, re.M)
+    report = unwrapped(stream.text())
+    assert re.search(r"^%s: bytes \d+\.\.\d+ are not a valid record" % segment.name, report, re.M)
+    assert ("seq %d missing between %d and %d (not covered by a summary record)"
+            % (victim.seq, victim.seq - 1, victim.seq + 1)) in report
+    assert re.search(r"^journal verify: 2 problem\(s\); \d+ record\(s\) in \d+ segment\(s\)", report, re.M)
+
+
+class BoardDoc:
+    """The port's board file, in memory."""
+
+    def __init__(self, doc):
+        self.doc = doc
+        self.overrides = []
+        self.path = "board.json"
+
+    def save(self, doc):
+        self.doc = doc
+        return "board.json.bak"
+
+
+def _live_station(tmp_path, doc):
+    """A whole in-process agent built by the composition root (real meter link, journal,
+    forwarder; the meter's line is never used) and its console."""
+    doc = json.loads(json.dumps(doc))
+    doc.setdefault("io", {"driver": "sim", "sim_file": str(tmp_path / "pins.json")})
+    doc.setdefault("session", {"state_dir": str(tmp_path / "state")})
+    doc.setdefault("signing", {"key_file": str(tmp_path / "station.pem")})
+    config = validate(json.loads(json.dumps(doc)))
+    ports = Ports(None, FileSystem, Publisher(), SimPinBank(config["io"]),
+                  FileKeySigner(config["signing"]["key_file"]), console_stream=Capture(),
+                  board=BoardDoc(json.loads(json.dumps(doc))))
+    agent = build_station(config, StepClock(), ports)
+    return agent, agent.console
+
+
+def _in_use(agent, console, path):
+    """What the component that owns ``path`` uses now, in the setting's own units."""
+    owners = {
+        "meter.poll_interval_s": lambda: agent._poll_ms / 1000,
+        "meter.timeout_ms": lambda: agent.meter.master.timeout_ms,
+        "meter.retries": lambda: agent.meter.master.retries,
+        "mqtt.telemetry_interval_s": lambda: agent._telemetry_ms / 1000,
+        "mqtt.status_interval_s": lambda: agent._status_ms / 1000,
+        "journal.sync_interval_s": lambda: agent.outbox.journal.sync_ms / 1000,
+        "journal.cursor_sync_s": lambda: agent.outbox.journal.cursor_sync_ms / 1000,
+        "journal.window": lambda: agent.forwarder.window,
+        "console.lock_after_s": lambda: console.lock.lock_after_ms / 1000,
+        "console.max_line": lambda: console.editor.max_line,
+        "console.pin_hash": lambda: console.lock.pin_hash,
+    }
+    if path in owners:
+        return owners[path]()
+    node = agent.config  # description and events.*: read from the config on every check
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _value_for(path, field):
+    if field.kind is bool:
+        return st.booleans()
+    if field.kind is int:
+        return st.integers(min_value=field.minimum, max_value=field.maximum)
+    if field.kind is float:
+        return st.floats(min_value=field.minimum, max_value=field.maximum, allow_nan=False).map(
+            lambda v: round(v, 3))
+    if path == "console.pin_hash":
+        return st.tuples(st.text("0123456789", min_size=4, max_size=8), st.binary(min_size=4, max_size=8)).map(
+            lambda pair: pin_hash(pair[0], pair[1]))
+    return st.text("abcxyz-_.0123456789", max_size=30)
+
+
+@st.composite
+def live_changes(draw):
+    """A few (live setting, value) pairs: values in the field's range, some of them against
+    the rules between settings."""
+    fields = dict(setting_paths())
+    paths = draw(st.lists(st.sampled_from(live_settings()), min_size=1, max_size=6))
+    return [(path, draw(_value_for(path, fields[path]))) for path in paths]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=live_changes())
+def test_a_live_setting_reaches_its_owner_at_once(tmp_path, changes):
+    """Every setting the schema marks live, set on the console, is in use at once by the
+    component that owns it (through its setter) and kept in the agent's config; a value the
+    board's rules refuse changes nothing."""
+    doc = {"station_id": "s-1", "meter": {"model": "sdm630", "port": "/dev/null"},
+           "journal": {"dir": str(tmp_path / "journal")},
+           "console": {"pin_hash": pin_hash("2468", b"salt-123")}}
+    shutil.rmtree(str(tmp_path / "journal"), ignore_errors=True)
+    agent, console = _live_station(tmp_path, doc)
+    asyncio.run(console._line("unlock 2468", None))
+    said = console.stream.text()
+    assert console.lock.unlocked, said
+    for path, value in changes:
+        before = _in_use(agent, console, path)
+        board_before = json.dumps(console.board.doc, sort_keys=True)
+        asyncio.run(console._line("config set %s %s" % (path, json.dumps(value)), None))
+        said = console.stream.text()
+        if said.startswith("error: "):
+            assert path.startswith("events.") and "events." in said, said  # a rule between thresholds
+            assert _in_use(agent, console, path) == before
+            assert json.dumps(console.board.doc, sort_keys=True) == board_before
+            continue
+        assert "in use now" in said, said
+        in_use = _in_use(agent, console, path)
+        assert in_use == value or (isinstance(value, float) and abs(in_use - value) < 0.001), (path, in_use, value)
+        node = agent.config
+        for part in path.split("."):
+            node = node[part]
+        assert node == value

@@ -6,20 +6,27 @@ is dropped) and promise 2 (sequence numbers consumers can rely on) are checked a
 the files themselves, not only against what the journal object says.
 """
 
+import asyncio
 import contextlib
 import errno
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from evse_agent import journal
+from evse_agent.config import validate
+from evse_agent.console import Console
 from evse_agent.journal import AGGREGATE, EVENT, SESSION, SUMMARY, Journal, encode_record, scan
 from evse_agent.messages import Outbox, iso_utc
 from evse_agent.ports.cpython.fs import FileSystem
@@ -896,7 +903,7 @@ def test_tool_verify_reports_damage_and_gaps_but_accepts_summaries(tmp_path):
     assert any(r.type == SUMMARY for r, _ in disk_records(good))
     status, out, _ = run_tool("--dir", str(good), "verify")
     assert status == 0, out
-    assert out.startswith("ok: ")
+    assert out.startswith("journal verify: ok; ")
 
 
 def test_tool_errors_are_one_clear_line(tmp_path):
@@ -974,3 +981,66 @@ def test_alarm_listener_that_journals_events_never_duplicates_a_seq(tmp_path):
     seqs = [r.seq for r, _ in disk_records(tmp_path)]
     assert seqs == list(range(1, len(seqs) + 1))  # unique and gapless on disk
     assert len(seqs) == j.next_seq - 1
+
+
+# -- one verifier, one wording: the console and evse-journal ---------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(count=st.integers(min_value=3, max_value=120),
+       flips=st.lists(st.tuples(st.floats(min_value=0, max_value=1, exclude_max=True),
+                                st.integers(min_value=0, max_value=7)), max_size=4),
+       cut=st.integers(min_value=0, max_value=40))
+def test_console_and_tool_report_a_damaged_journal_in_the_same_words(tmp_path, count, flips, cut):
+    """Whatever damage a journal holds (bit flips anywhere, a cut tail, folded aggregates),
+    the console's ``journal verify`` and ``evse-journal verify`` run the same check and
+    print the same lines: the problems (the console at most 20), then the same summary."""
+    root = tmp_path / "journal"
+    shutil.rmtree(str(root), ignore_errors=True)
+    j, _ = open_journal(root, max_bytes=8000, reserve_bytes=2000, segment_bytes=1200)
+    outbox = Outbox(None, "st-1", j)
+    for n in range(count):
+        outbox.record(EVENT if n % 9 == 0 else AGGREGATE,
+                      json.loads(aggregate_payload(n)) if n % 9 else {"type": "x", "n": n})
+    j.sync()
+    names = segment_names(root)
+    sizes = [os.path.getsize(root / name) for name in names]
+    for where, bit in flips:
+        at = int(where * sum(sizes))
+        for name, size in zip(names, sizes):
+            if at < size:
+                data = bytearray((root / name).read_bytes())
+                data[at] ^= 1 << bit
+                (root / name).write_bytes(bytes(data))
+                break
+            at -= size
+    last = root / names[-1]
+    last.write_bytes(last.read_bytes()[:max(0, sizes[-1] - cut)])
+
+    status, out, err = run_tool("--dir", str(root), "verify")
+    problems = out.splitlines()
+    if status == 0:
+        summary = problems.pop()
+    else:
+        assert status == 1 and err.startswith("evse-journal: ") and err.endswith(" (%s)\n" % root), err
+        summary = err[len("evse-journal: "):-len(" (%s)\n" % root)]
+    assert summary.startswith("journal verify: ")
+
+    config = validate({"station_id": "st-1", "meter": {"model": "sdm630", "port": "/dev/null"}})
+    agent = SimpleNamespace(config=config, clock=j.clock, outbox=outbox, engine=None, monitor=None, forwarder=None)
+    stream = ConsoleCapture()
+    console = Console(agent, stream)
+    asyncio.run(console._line("journal verify", None))
+    shown = stream.data.decode()
+    assert all(len(line) <= 80 for line in shown.splitlines()), shown
+    expected = problems[:20] + (["... and %d more" % (len(problems) - 20)] if len(problems) > 20 else [])
+    assert re.sub(r"\n  (?=\S)", " ", shown).splitlines() == expected + [summary]
+    j.close()
+
+
+class ConsoleCapture:
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data.extend(data)

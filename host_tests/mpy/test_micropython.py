@@ -341,15 +341,16 @@ def test_micropython_key_file_is_read_by_cryptography(tmp_path):
 
 
 def test_esp32_board_file_validates():
-    from evse_agent.config import ConfigError
-    from evse_agent.ports.micropython.main import load_board, split_board
+    from evse_agent.config import ConfigError, validate
+    from evse_agent.ports.micropython.main import load_board
     config, port = load_board(os.path.join(ROOT, "boards", "esp32-sdm630.json"))
-    assert config["journal"]["segment_bytes"] == 8192
+    assert config["journal"]["segment_bytes"] == 8192 and "micropython" not in config
     assert port["tx_pin"] == 17 and port["de_pin"] == 4 and port["watchdog_s"] == 30
+    common = {"station_id": "e-1", "meter": {"model": "sdm630", "port": "UART2"}}
     with pytest.raises(ConfigError, match="micropython.de_pinn: unknown field"):
-        split_board({"micropython": {"tx_pin": 1, "rx_pin": 2, "de_pinn": 3}})
+        validate(dict(common, micropython={"tx_pin": 1, "rx_pin": 2, "de_pinn": 3}), "micropython")
     with pytest.raises(ConfigError, match="micropython.rx_pin: missing"):
-        split_board({"micropython": {"tx_pin": 1}})
+        validate(dict(common, micropython={"tx_pin": 1}), "micropython")
 
 
 def test_deploy_plan_uses_mpremote_for_every_step(tmp_path):

@@ -2,7 +2,10 @@
 
     python -m evse_tools.cli.deploy --port /dev/ttyUSB0 --board boards/esp32-sdm630.json
 
-Steps (each one mpremote command; ``--dry-run`` prints them instead):
+First the board file is loaded as the agent will load it (``config.load_board`` with the
+``micropython`` section): a board the agent would refuse is not deployed (exit status 2,
+the message names the field). Then the steps (each one mpremote command; ``--dry-run``
+prints them instead):
 
 1. compile the core and the MicroPython port to .mpy (mpy-cross, ``tools/cli/mpy_build.py``) and
    pack them into a ROMFS image (``mpremote romfs build``);
@@ -33,6 +36,8 @@ import os
 import subprocess
 import sys
 import tempfile
+
+from evse_agent.config import ConfigError, load_board
 
 from .mpy_build import build_romfs, compile_core
 
@@ -87,6 +92,11 @@ def main(argv=None):
     parser.add_argument("--no-tail", action="store_true", help="do not open the console after the reset")
     parser.add_argument("--dry-run", action="store_true", help="print the mpremote commands, run nothing")
     args = parser.parse_args(argv)
+    try:  # the board's own loader: a board the agent would refuse is not deployed
+        load_board(args.board, "micropython")
+    except ConfigError as error:
+        sys.stderr.write("deploy: %s\n" % error)
+        return 2
     build_dir = tempfile.mkdtemp(prefix="evse-mpy-")
     results = compile_core(build_dir)
     image = build_dir + ".romfs"

@@ -12,8 +12,11 @@ Read-only: the tool never truncates, rewrites or deletes anything. A torn final 
 reported here and cut off by the agent's own ``recover()`` at its next start. Frames are
 decoded with the journal's own code (``journal.scan``), so the tool and the agent agree on
 what a valid record is; records whose seq does not follow the one before are left out,
-as ``recover()`` leaves them out. ``verify`` reports missing seqs between the records
-present; numbers before the first one were in segments deleted after acknowledgement.
+as ``recover()`` leaves them out. ``verify`` is the core's ``journal_check`` (the check
+the console's ``journal verify`` runs, in the same words) with the OCMF signatures checked
+by ``ocmf_verify``; it reports missing seqs between the records present (numbers before
+the first one were in segments deleted after acknowledgement) and ends with one summary
+line (on stderr when there are problems).
 
 Exit status: 0 fine, 1 ``verify`` found problems (one line each on stdout), 2 usage
 errors, a missing directory, an unreadable file or an unusable key.
@@ -27,14 +30,13 @@ import sys
 
 from evse_agent import journal
 from evse_agent.config import ConfigError, load_board
+from evse_agent.journal_check import JournalCheck, report_lines
 from evse_agent.messages import iso_utc
 
 from .ocmf_verify import Document, Invalid, load_public_key
 
 PROG = "evse-journal"
 TYPE_BY_NAME = {name: rtype for rtype, name in journal.TYPE_NAMES.items()}
-OCMF_FIELDS = ("ocmf_begin", "ocmf_end")
-OCMF_LIST = "ocmf_documents"
 
 
 class ToolError(Exception):
@@ -136,17 +138,6 @@ class JournalView:
     def total_bytes(self):
         return sum(segment.size for segment in self.segments)
 
-    def covered(self):
-        """Seq ranges that summary records say were folded on purpose: [(first, last)]."""
-        ranges = []
-        for record in self.records:
-            if record.type == journal.SUMMARY:
-                body = _json_payload(record)
-                covers = body.get("covers_seq") if isinstance(body, dict) else None
-                if _are_ranges(covers):
-                    ranges.extend((first, last) for first, last in covers)
-        return ranges
-
 
 def _reason(error):
     return error.strerror or str(error)
@@ -158,18 +149,6 @@ def _json_payload(record):
         return json.loads(record.payload)
     except (ValueError, UnicodeDecodeError):
         return None
-
-
-def _is_range(value):
-    return (isinstance(value, list) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            and value[0] <= value[1])
-
-
-def _are_ranges(value):
-    """A summary's covers_seq: a non-empty list of [first, last] runs in order."""
-    return (isinstance(value, list) and bool(value) and all(_is_range(r) for r in value)
-            and all(a[1] < b[0] for a, b in zip(value, value[1:])))
 
 
 def _type_name(rtype):
@@ -276,95 +255,23 @@ def cmd_dump(view, args, out):
     return 0
 
 
-def verify_problems(view, public_key):
-    """One line per problem found: frames, sequence, payloads, OCMF signatures."""
-    problems = []
+def verify_check(view, public_key):
+    """The core's ``JournalCheck`` over every file of ``view``: frames, sequence, payloads,
+    and OCMF signatures checked with ``ocmf_verify`` (not the signing code), required."""
+    def check_document(text):
+        try:
+            Document(text).verify(public_key)
+        except Invalid as error:
+            return str(error)
+        return None
+
+    check = JournalCheck(None if public_key is None else check_document, signatures_required=True)
     for segment in view.segments:
-        for start, end in segment.damaged:
-            problems.append("%s: bytes %d..%d are not a valid record (CRC or framing); skipped"
-                            % (segment.name, start, end))
-        if segment.torn is not None and segment.damaged_tail:
-            problems.append("%s: damaged final record of %d bytes at offset %d (complete but failing"
-                            " its CRC: not a torn write)" % (segment.name, segment.torn_bytes, segment.torn))
-        elif segment.torn is not None:
-            problems.append("%s: torn tail of %d bytes at offset %d (an incomplete final record)"
-                            % (segment.name, segment.torn_bytes, segment.torn))
+        check.segment(segment.name, view._read(segment.name))
     for name in view.quarantined:
-        data = view._read(name)
-        claimed = journal._get(data, 7, 8) if len(data) >= journal.HEADER_BYTES and data[:2] == journal.MAGIC else None
-        problems.append("%s: a damaged final record (%d bytes, seq %s by its header) was quarantined"
-                        % (name, len(data), "unknown" if claimed is None else claimed))
-    for record in view.out_of_order:
-        problems.append("%s: offset %d: seq %d does not follow the record before it"
-                        % (record.segment, record.offset, record.seq))
-    covered = view.covered()
-    for before, after in zip(view.records, view.records[1:]):
-        missing = [s for s in range(before.seq + 1, after.seq)
-                   if not any(first <= s <= last for first, last in covered)]
-        for first, last in _ranges(missing):
-            problems.append("seq %s missing between %d and %d (not covered by a summary record)"
-                            % (first if first == last else "%d..%d" % (first, last), before.seq, after.seq))
-    unchecked = 0
-    for record in view.records:
-        where = "seq %d (%s, %s offset %d)" % (record.seq, _type_name(record.type), record.segment, record.offset)
-        if record.type not in journal.TYPE_NAMES:
-            problems.append("%s: unknown record type %d" % (where, record.type))
-            continue
-        body = _json_payload(record)
-        if not isinstance(body, dict):
-            problems.append("%s: payload is not a JSON object" % where)
-            continue
-        if body.get("seq") != record.seq:
-            problems.append("%s: payload carries seq %r, the frame %d" % (where, body.get("seq"), record.seq))
-        if record.type == journal.SUMMARY:
-            covers = body.get("covers_seq")
-            if not _are_ranges(covers) or covers[-1][1] != record.seq:
-                problems.append("%s: summary covers_seq %r does not end at its own seq" % (where, covers))
-        if record.type == journal.SESSION:
-            for field, text in _ocmf_documents(body):
-                if public_key is None:
-                    unchecked += 1
-                    continue
-                try:
-                    if not isinstance(text, str):
-                        raise Invalid("not a text document: %r" % (text,))
-                    Document(text).verify(public_key)
-                except Invalid as error:
-                    problems.append("%s: %s: %s" % (where, field, error))
-    if unchecked:
-        problems.append("%d OCMF document(s) in session records not checked: give the station's "
-                        "public key with --key" % unchecked)
-    return problems
-
-
-def _ocmf_documents(body):
-    """(field, document) of each distinct OCMF document in a session record."""
-    found = []
-    seen = set()
-    candidates = []
-    documents = body.get(OCMF_LIST)
-    if isinstance(documents, list):
-        candidates.extend(("%s[%d]" % (OCMF_LIST, i), text) for i, text in enumerate(documents))
-    elif documents is not None:
-        candidates.append((OCMF_LIST, documents))
-    candidates.extend((field, body.get(field)) for field in OCMF_FIELDS if body.get(field) is not None)
-    for field, text in candidates:
-        key = text if isinstance(text, str) else repr(text)
-        if key in seen:
-            continue
-        seen.add(key)
-        found.append((field, text))
-    return found
-
-
-def _ranges(numbers):
-    ranges = []
-    for number in numbers:
-        if ranges and ranges[-1][1] == number - 1:
-            ranges[-1][1] = number
-        else:
-            ranges.append([number, number])
-    return [tuple(r) for r in ranges]
+        check.quarantined(name, view._read(name))
+    check.finish()
+    return check
 
 
 def cmd_verify(view, args, out):
@@ -374,16 +281,14 @@ def cmd_verify(view, args, out):
             public_key = load_public_key(args.key)
         except ValueError as error:
             raise ToolError(str(error))
-    problems = verify_problems(view, public_key)
-    for problem in problems:
+    check = verify_check(view, public_key)
+    lines = report_lines(check)
+    for problem in lines[:-1]:
         out.write(problem + "\n")
-    if problems:
-        sys.stderr.write("%s: %d problem(s) in %s\n" % (PROG, len(problems), view.directory))
+    if check.problems:
+        sys.stderr.write("%s: %s (%s)\n" % (PROG, lines[-1], view.directory))
         return 1
-    documents = sum(len(_ocmf_documents(_json_payload(r))) for r in view.records if r.type == journal.SESSION)
-    out.write("ok: %d records in %d segments%s, %d OCMF documents verified\n" % (
-        len(view.records), len(view.segments),
-        ", seq %d..%d" % (view.records[0].seq, view.records[-1].seq) if view.records else "", documents))
+    out.write(lines[-1] + "\n")
     return 0
 
 

@@ -23,6 +23,8 @@ import tempfile
 import threading
 import time
 
+from evse_agent.config import ConfigError, load_board
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 BOARD_DIR = os.path.join(ROOT, "tools", "testkit", "unix_board")
 CODE_DIR = os.path.join(ROOT, "firmware")
@@ -54,8 +56,10 @@ class MicroAgent:
     """One run of the MicroPython agent; ``kill()`` is a power cut, ``lines`` its output."""
 
     def __init__(self, board, uart_device, pin_file, heap=None, code_dir=CODE_DIR, cwd=None, extra_env=None):
-        with open(board) as handle:
-            uart_id = json.load(handle).get("micropython", {}).get("uart_id", 2)
+        try:
+            uart_id = load_board(board, "micropython")["micropython"]["uart_id"]
+        except ConfigError:
+            uart_id = 2  # the default; the agent itself refuses the board and says why
         handle, self.wdt_file = tempfile.mkstemp(prefix="evse-wdt-")  # empty until the first feed
         os.close(handle)
         env = dict(os.environ)

@@ -63,6 +63,14 @@ async def main():
     data = bytearray(fs.read(first))
     data[40] ^= 0x55
     fs.write_atomic(first, bytes(data))
+    # The console's journal verify: the core's check, in the words evse-journal uses.
+    from evse_agent.journal_check import JournalCheck, report_lines
+    check = JournalCheck()
+    for name in sorted(n for n in fs.listdir() if n.startswith("seg-")):
+        check.segment(name, fs.read(name))
+    check.finish()
+    harness.emit("verified", report_lines(check, 20, 80))
+    del check
     damaged = Journal(fs, _config(), clock)
     report = damaged.recover()
     harness.emit("damaged", {"report": report.as_dict(), "records": _records(damaged)})

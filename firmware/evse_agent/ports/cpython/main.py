@@ -6,14 +6,13 @@ Usage: ``evse-agent --board boards/sim.json [--set meter.port=/dev/pts/3] [--dur
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
 import time
 
 from ... import __version__, log
-from ...config import ConfigError, apply_override, validate
+from ...config import ConfigError, load_board
 from ...console import pin_hash
 from ...messages import Topics, iso_utc
 from ...reading import summary_line
@@ -28,21 +27,8 @@ from .signer import FileKeySigner
 
 def load_config(board_path, overrides):
     """The validated board config with ``section.field=value`` overrides applied."""
+    config = load_board(board_path, overrides=overrides)
     try:
-        with open(board_path) as handle:
-            doc = json.load(handle)
-    except OSError as error:
-        raise ConfigError("%s: cannot read board file (%s)" % (board_path, error))
-    except ValueError as error:
-        raise ConfigError("%s: not valid JSON (%s)" % (board_path, error))
-    except RecursionError:
-        raise ConfigError("%s: nested too deeply to be a board file" % board_path)
-    if not isinstance(doc, dict):
-        raise ConfigError("%s: expected a JSON object at the top level" % board_path)
-    for assignment in overrides:
-        apply_override(doc, assignment)
-    try:
-        config = validate(doc)
         check_files(config)
     except ConfigError as error:
         raise ConfigError("%s: %s" % (board_path, error))

@@ -2,8 +2,8 @@
 
 ``boot``: read ``/board.json`` — the same board file as on Linux, plus a ``micropython``
 section for what only a microcontroller has (UART pins, DE pin, ADC pin, Wi-Fi, NTP,
-watchdog) that is taken out before the common file is validated — then build the station on
-the board with ``station.build_station`` as Linux does, and run one asyncio task per concern:
+watchdog), checked by the same schema (``config.py``) — then build the station on the
+board with ``station.build_station`` as Linux does, and run one asyncio task per concern:
 
 - Wi-Fi with back-off; MQTT (``mqtt.py``, never blocking the loop) reconnecting with back-off
   once Wi-Fi is up;
@@ -17,11 +17,10 @@ The journal and the state live on the board's littlefs (``journal.dir``, ``sessi
 """
 
 import asyncio
-import json
 import time
 
 from ... import __version__, log
-from ...config import ConfigError, validate
+from ...config import ConfigError, load_board as load_board_file
 from ...messages import Topics
 from ...station import Ports, build_station
 from .clock import MicroClock
@@ -29,58 +28,12 @@ from .fs import FileSystem
 
 BOARD_FILE = "/board.json"
 
-# The board file's "micropython" section: name -> (default, required type or None)
-PORT_FIELDS = {
-    "uart_id": (2, int),
-    "tx_pin": (None, int),
-    "rx_pin": (None, int),
-    "de_pin": (None, int),            # RS-485 driver enable (DE and /RE tied); null: auto-direction
-    "de_active_high": (True, bool),
-    "adc_pin": (None, int),           # pilot voltage divider (io.pilot.source "adc")
-    "wifi_ssid": (None, str),
-    "wifi_password": (None, str),
-    "ntp_host": ("pool.ntp.org", str),
-    "ntp_interval_s": (21600, int),
-    "watchdog_s": (30, int),          # 0: no watchdog
-}
-
-
-def split_board(doc):
-    """(common board document, port settings) — ConfigError naming a bad port field."""
-    doc = dict(doc)
-    section = doc.pop("micropython", {})
-    if not isinstance(section, dict):
-        raise ConfigError("micropython: expected an object")
-    port = {}
-    for key in section:
-        if key not in PORT_FIELDS:
-            raise ConfigError("micropython.%s: unknown field (known: %s)" % (key, ", ".join(sorted(PORT_FIELDS))))
-    for key, (default, kind) in PORT_FIELDS.items():
-        value = section.get(key, default)
-        if value is not None and not isinstance(value, kind):
-            raise ConfigError("micropython.%s: %s is not %s" % (key, json.dumps(value), kind.__name__))
-        port[key] = value
-    for key in ("tx_pin", "rx_pin"):
-        if port[key] is None:
-            raise ConfigError("micropython.%s: missing (GPIO of the RS-485 transceiver)" % key)
-    return doc, port
-
 
 def load_board(path=BOARD_FILE):
-    try:
-        with open(path) as handle:
-            doc = json.loads(handle.read())
-    except OSError as error:
-        raise ConfigError("%s: cannot read board file (%s)" % (path, error))
-    except ValueError as error:
-        raise ConfigError("%s: not valid JSON (%s)" % (path, error))
-    if not isinstance(doc, dict):
-        raise ConfigError("%s: expected a JSON object at the top level" % path)
-    common, port = split_board(doc)
-    try:
-        return validate(common), port
-    except ConfigError as error:
-        raise ConfigError("%s: %s" % (path, error))
+    """(common configuration, the ``micropython`` section): the one board loader, asked for
+    this port's section (``config.py``); ConfigError names the field."""
+    config = load_board_file(path, "micropython")
+    return config, config.pop("micropython")
 
 
 def _console_sink(level, text):
