@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from evse_agent.config import (SCHEMA, ConfigError, apply_override, ha_node_id, load_board, parse_board, schema,
+from evse_agent.config import (ConfigError, apply_override, ha_node_id, load_board, parse_board, schema,
                                validate)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
