@@ -5,26 +5,31 @@ VENV   ?= .venv
 PYTHON  = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: demo test test-loaded bench system clean
+.PHONY: demo test test-fast test-loaded bench system clean
 
 demo: $(STAMP) system
-	$(PYTHON) -m evse_tools.demo
+	$(PYTHON) -m evse_tools.cli.demo
 
 # MicroPython for the host (its WebAssembly port, from the npm registry) runs the core's
 # MicroPython scenarios in `make test`.
-MPY_HOST = tools/mpy/node_modules/@micropython/micropython-webassembly-pyscript/micropython.mjs
+MPY_HOST = tools/testkit/mpy/node_modules/@micropython/micropython-webassembly-pyscript/micropython.mjs
 
 test: $(STAMP) system $(MPY_HOST)
+	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest host_tests
 
+# The fast lane: the portable core in process (host_tests/core, marker `core`), in seconds.
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest host_tests/core -q
+
 # The suite on a busy machine: two CPU-bound and one disk-bound worker run beside it (started
-# and stopped here), and it must pass RUNS times in a row (tools/load.py; bounded to 3 hours).
+# and stopped here), and it must pass RUNS times in a row (tools/testkit/load.py; bounded to 3 hours).
 RUNS ?= 3
 test-loaded: $(STAMP) system $(MPY_HOST)
-	$(PYTHON) -m evse_tools.load --cpu 2 --disk 1 --runs $(RUNS) --max-s 10800 -- $(PYTHON) -m pytest host_tests
+	$(PYTHON) -m evse_tools.testkit.load --cpu 2 --disk 1 --runs $(RUNS) --max-s 10800 -- $(PYTHON) -m pytest host_tests
 
 bench: $(STAMP) system $(MPY_HOST)
-	$(PYTHON) -m evse_tools.bench
+	$(PYTHON) -m evse_tools.bench.main
 
 system:
 	@sh tools/bootstrap.sh
@@ -33,8 +38,8 @@ $(PYTHON):
 	@sh tools/bootstrap.sh
 	python3 -m venv $(VENV)
 
-$(MPY_HOST): tools/mpy/package.json tools/mpy/package-lock.json | system
-	npm ci --prefix tools/mpy --no-audit --no-fund
+$(MPY_HOST): tools/testkit/mpy/package.json tools/testkit/mpy/package-lock.json | system
+	npm ci --prefix tools/testkit/mpy --no-audit --no-fund
 	@touch $(MPY_HOST)
 
 $(STAMP): setup.cfg pyproject.toml | $(PYTHON)
@@ -43,4 +48,4 @@ $(STAMP): setup.cfg pyproject.toml | $(PYTHON)
 	@touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis tools/mpy/node_modules
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis tools/testkit/mpy/node_modules

@@ -5,8 +5,8 @@ From a MicroPython checkout (v1.22 or later), for example for an ESP32:
     make -C ports/esp32 BOARD=ESP32_GENERIC FROZEN_MANIFEST=/path/to/evse-agent/firmware/manifest.py
 
 then flash the image (``make ... deploy`` or esptool) and copy the board file to ``/board.json``
-(``tools/deploy.py --board boards/esp32-sdm630.json --frozen`` does that and the rest). The
-file list is the core without the CPython port; host_tests/test_micropython.py checks that it
+(``tools/cli/deploy.py --board boards/esp32-sdm630.json --frozen`` does that and the rest). The
+file list is the core without the CPython port; host_tests/mpy/test_micropython.py checks that it
 matches the source tree.
 """
 
@@ -33,6 +33,7 @@ package(
         "ha_discovery.py",
         "identification.py",
         "journal.py",
+        "journal_check.py",
         "log.py",
         "messages.py",
         "meter.py",
@@ -44,15 +45,16 @@ package(
         "reading.py",
         "registers.py",
         "session.py",
+        "station.py",
         "store.py",
         "ports/__init__.py",
-        "ports/p256.py",
         "ports/micropython/__init__.py",
         "ports/micropython/clock.py",
         "ports/micropython/console.py",
         "ports/micropython/fs.py",
         "ports/micropython/main.py",
         "ports/micropython/mqtt.py",
+        "ports/micropython/p256.py",
         "ports/micropython/pins.py",
         "ports/micropython/signer.py",
         "ports/micropython/uart.py",

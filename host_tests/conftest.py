@@ -1,4 +1,8 @@
-"""Shared fixtures: a real mosquitto, the pty meter simulator, and the agent as a process."""
+"""Shared fixtures: a real mosquitto, the pty meter simulator, and the agent as a process.
+
+The suite mirrors the code: ``core/`` (the portable core in process: the fast lane, marked
+``core``, ``make test-fast``), ``ports/``, ``system/`` (processes, brokers, ptys),
+``collector/`` and ``mpy/`` (MicroPython)."""
 
 import contextlib
 import logging
@@ -11,14 +15,23 @@ import time
 
 import pytest
 
-from evse_tools.broker import Mosquitto
-from evse_tools.meter_sim import MeterSimulator
-from evse_tools.subscriber import Collector
+from evse_tools.testkit.broker import Mosquitto
+from evse_tools.sim.meter_sim import MeterSimulator
+from evse_tools.testkit.subscriber import Collector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIM_BOARD = os.path.join(ROOT, "boards", "sim.json")
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+CORE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "core")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the tests under ``core/`` as the fast lane (``pytest -m core``)."""
+    for item in items:
+        if str(item.path).startswith(CORE_DIR + os.sep):
+            item.add_marker(pytest.mark.core)
 
 
 def wait_for(predicate, timeout_s, interval_s=0.05):

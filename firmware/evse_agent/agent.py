@@ -29,8 +29,11 @@ import asyncio
 
 from . import __version__, log
 from .aggregate import Aggregator
+from .events import PowerMonitor
 from .journal import AGGREGATE, EVENT, SESSION
 from .messages import Topics, iso_utc, meter_status_doc, telemetry_doc
+from .pilot import InputMonitor
+from .session import SessionEngine
 
 # The supervisor sleeps until the power monitor's next contactor check is due or the inputs
 # change; with nothing due it still looks in at this interval.
@@ -38,11 +41,6 @@ SUPERVISOR_IDLE_MS = 1000
 
 # A clean stop waits at most this long for the broker to acknowledge the journaled records.
 STOP_FLUSH_MS = 3000
-
-# Settings the running agent takes into use at once (with every ``events.*`` threshold).
-LIVE_SETTINGS = ("description", "meter.poll_interval_s", "meter.timeout_ms", "meter.retries",
-                 "mqtt.telemetry_interval_s", "mqtt.status_interval_s", "journal.sync_interval_s",
-                 "journal.cursor_sync_s", "journal.window")
 
 
 def event_doc(event):
@@ -61,22 +59,21 @@ def event_doc(event):
 
 
 class Agent:
-    """Ties meter, inputs, session engine, power monitor and outbox together."""
+    """Ties meter, inputs, session engine, power monitor and outbox together.
 
-    def __init__(self, config, meter, outbox, clock, inputs=None, engine=None, monitor=None,
-                 forwarder=None, on_reading=None):
+    Built whole, by ``station.build_station``: from the meter, the outbox (journal,
+    forwarder, publisher), the state store and the platform ``ports`` it builds the session
+    engine, the power monitor and the input monitor, and what the board asks for (Home
+    Assistant discovery, the RFID reader's desk, the console), reports damage found at
+    start and continues an open session (``restored``)."""
+
+    def __init__(self, config, clock, meter, outbox, store, ports):
         self.config = config
         self.meter = meter
         self.outbox = outbox
         self.clock = clock
-        self.inputs = inputs
-        self.engine = engine
-        self.monitor = monitor
-        self.forwarder = forwarder
-        self.on_reading = on_reading
-        self.console = None
-        self.discovery = None
-        self.identification = None  # identification.IdentificationDesk (RFID reader), if any
+        self.forwarder = outbox.forwarder
+        self.on_reading = ports.on_reading
         self.started_ms = clock.monotonic_ms()
         self.aggregator = Aggregator(config["journal"]["aggregate_interval_s"], meter.model.phases)
         self.topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
@@ -90,6 +87,45 @@ class Agent:
         self._stopping = False
         self._wake = asyncio.Event()
         self._supervise = asyncio.Event()  # inputs or thresholds changed: recompute deadlines
+        model = meter.model
+        identity = {
+            "gateway_vendor": config["signing"]["gateway_vendor"],
+            "gateway_serial": config["signing"]["gateway_serial"] or config["station_id"],
+            "gateway_version": __version__,
+            "meter_vendor": model.vendor,
+            "meter_model": model.product,
+        }
+        self.engine = SessionEngine(config, store, ports.signer, clock, meter, self.publish,
+                                    self.request_reading, identity)
+        pilot = config["io"]["pilot"]
+        self.monitor = PowerMonitor(config["events"], model.phases, clock, self.publish_event,
+                                    lambda: store.next_number("event"), pilot["sample_ms"], pilot["debounce_ms"],
+                                    lambda: self.inputs.sampled_ms)
+        self.monitor.session_of = self.engine.open_session_id
+        self.inputs = InputMonitor(ports.pins, config["io"], clock, self)
+        # Meter faults, register anomalies, journal alarms and damage found at start are
+        # events an operator sees.
+        journal = outbox.journal
+        journal.alarm = self.on_journal_alarm
+        self.engine.alarm = self.monitor.alarm
+        meter.alarm = self.monitor.alarm
+        meter.notice = self.monitor.notice
+        for type_, values in store.damage + journal.damage:
+            self.monitor.notice(type_, values)
+        self.restored = self.engine.restore()  # the session continued, or None
+        self.discovery = None
+        if config["homeassistant"]["enabled"]:
+            from .ha_discovery import Discovery
+            self.discovery = Discovery(config, model, outbox.publisher, __version__)
+        self.identification = None  # identification.IdentificationDesk (RFID reader), if any
+        if ports.reader_stream is not None:
+            from .identification import identification_desk
+            self.identification = identification_desk(config, clock, self.engine, outbox.publisher,
+                                                      self.topics, ports.reader_stream)
+        self.console = None
+        if ports.console_stream is not None:
+            from .console import Console
+            self.console = Console(self, ports.console_stream, ports.board, ports.restart)
 
     # -- wiring callbacks --------------------------------------------------------------
 
@@ -104,23 +140,19 @@ class Agent:
 
     def publish_event(self, event):
         """Power monitor output: every raise and clear, QoS 1."""
-        if self.engine is not None:
-            self.engine.note_event(event)
+        self.engine.note_event(event)
         level = log.warning if event.severity != "info" else log.info
         level("event %s %s %s" % (event.type, "raised" if event.end is None else "cleared", event.values))
         self.outbox.record(EVENT, event_doc(event))
 
     def on_journal_alarm(self, name, active, values):
         """Journal alarm (journal_full, disk_error): raised and cleared as events."""
-        if self.monitor is not None:
-            self.monitor.alarm(name, active, values)
+        self.monitor.alarm(name, active, values)
 
     def on_fault(self, where, error):
         """A listener ran out of memory or met a disk error: the ``agent_fault`` alarm, raised
         until the session engine has handled a reading without one (its work is retried)."""
         log.error("agent fault in %s: %r" % (where, error))
-        if self.monitor is None:
-            return
         try:
             self.monitor.alarm("agent_fault", True, {"where": where, "error": "%s: %s" % (type(error).__name__, error)})
         except Exception as again:  # the journal may refuse the event too: the log has it
@@ -134,7 +166,7 @@ class Agent:
             self.on_fault("readings", error)
             return
         monitor = self.monitor
-        if monitor is not None and "agent_fault" in monitor.active:
+        if "agent_fault" in monitor.active:
             monitor.alarm("agent_fault", False, {"where": "readings"})
 
     def request_reading(self):
@@ -143,40 +175,34 @@ class Agent:
 
     def on_inputs(self, inputs, now_ms):
         """Input monitor listener: debounced pilot / contactor change."""
-        if self.monitor is not None:
-            self.monitor.on_inputs(inputs, now_ms)
-            self._supervise.set()
-        if self.engine is not None:
-            self.engine.on_inputs(inputs, now_ms)
-
-    @staticmethod
-    def live_setting(path):
-        """True for the board settings ``apply_setting`` takes into use at once."""
-        return path in LIVE_SETTINGS or path.startswith("events.")
+        self.monitor.on_inputs(inputs, now_ms)
+        self._supervise.set()
+        self.engine.on_inputs(inputs, now_ms)
 
     def apply_setting(self, path, value):
-        """Take a changed board setting into use now, if that is safe: poll, telemetry and
-        journal intervals, Modbus timeout and retries, event thresholds. False when the
-        setting needs a restart."""
-        if not self.live_setting(path):
+        """Take a changed board setting into use now, if the schema marks it live: poll,
+        telemetry and journal intervals, Modbus timeout and retries, event thresholds (and
+        the console's own, which the console applies), each through its owner's setter; the
+        value is kept in ``config``. False when the setting needs a restart."""
+        from .config import is_live  # loaded when a setting changes, not at start
+        if not is_live(path):
             return False
-        journal = self.outbox.journal
         if path == "meter.poll_interval_s":
             self._poll_ms = int(value * 1000)
         elif path == "meter.timeout_ms":
-            self.meter.master.timeout_ms = value
+            self.meter.set_link_timing(timeout_ms=value)
         elif path == "meter.retries":
-            self.meter.master.retries = value
+            self.meter.set_link_timing(retries=value)
         elif path == "mqtt.telemetry_interval_s":
             self._telemetry_ms = int(value * 1000)
         elif path == "mqtt.status_interval_s":
             self._status_ms = int(value * 1000)
         elif path == "journal.sync_interval_s":
-            journal.sync_ms = int(value * 1000)
+            self.outbox.journal.set_sync_intervals(sync_interval_s=value)
         elif path == "journal.cursor_sync_s":
-            journal.cursor_sync_ms = int(value * 1000)
-        elif path == "journal.window" and self.forwarder is not None:
-            self.forwarder.window = value
+            self.outbox.journal.set_sync_intervals(cursor_sync_s=value)
+        elif path == "journal.window":
+            self.forwarder.set_window(value)
         # The power monitor reads its thresholds from this same config on every check.
         section = self.config
         parts = path.split(".")
@@ -192,8 +218,7 @@ class Agent:
         self._stopping = True
         self._wake.set()
         self._supervise.set()
-        if self.inputs is not None:
-            self.inputs.stop()
+        self.inputs.stop()
         if self.identification is not None:
             self.identification.stop()
 
@@ -201,11 +226,8 @@ class Agent:
 
     async def run(self, duration_s=None):
         """Run every task until ``stop()`` or until ``duration_s`` seconds have passed."""
-        tasks = [asyncio.create_task(self._poll_loop(duration_s))]
-        if self.inputs is not None:
-            tasks.append(asyncio.create_task(self.inputs.run()))
-        if self.monitor is not None:
-            tasks.append(asyncio.create_task(self._supervisor()))
+        tasks = [asyncio.create_task(self._poll_loop(duration_s)), asyncio.create_task(self.inputs.run()),
+                 asyncio.create_task(self._supervisor())]
         forwarding = None
         if self.forwarder is not None:
             forwarding = asyncio.create_task(self.forwarder.run())
@@ -314,12 +336,10 @@ class Agent:
                     self._post_telemetry(self.latest, True)
                 continue
             self.latest = reading
-            if self.engine is not None:
-                self._engine_reading(reading)
-            if self.monitor is not None:
-                advertised = self.engine.inputs.advertised_a if self.engine and self.engine.inputs else None
-                self.monitor.on_reading(reading, advertised, clock.monotonic_ms())
-                self._supervise.set()  # the reading waits for the input samples to confirm it
+            self._engine_reading(reading)
+            advertised = self.engine.inputs.advertised_a if self.engine.inputs else None
+            self.monitor.on_reading(reading, advertised, clock.monotonic_ms())
+            self._supervise.set()  # the reading waits for the input samples to confirm it
             finished = self.aggregator.add(reading)
             if finished is not None:
                 self.outbox.record(AGGREGATE, finished)
@@ -338,59 +358,21 @@ class Agent:
         return False
 
     def _post_telemetry(self, reading, stale):
-        session_energy = None if self.engine is None else self.engine.energy_so_far()
-        self.outbox.post(self.topics.telemetry, telemetry_doc(reading, session_energy, stale, self.clock.time()))
+        self.outbox.post(self.topics.telemetry,
+                         telemetry_doc(reading, self.engine.energy_so_far(), stale, self.clock.time()))
 
     def publish_state(self):
         """The retained charge-point state again (after a reconnect), once it is known."""
         engine = self.engine
-        if engine is not None and engine.inputs is not None and getattr(self.meter.link, "cycles", 1):
+        if engine.inputs is not None and getattr(self.meter.link, "cycles", 1):
             self.publish("state", engine.state_doc())
 
     def _on_link_change(self, link, first=False):
         """The meter link changed (``first``: the first cycle told its state)."""
-        if self.monitor is not None and not first:
+        if not first:
             self.monitor.on_meter_link(link.online, link.last_error)
-        if self.engine is not None:
-            self.engine.on_meter_link(link.online, first)
+        self.engine.on_meter_link(link.online, first)
 
     def publish_meter_status(self):
         self.outbox.post(self.topics.meter, meter_status_doc(self.meter, self.clock), qos=1, retain=True)
 
-
-def attach_charge_point(agent, store, signer, pins):
-    """Give ``agent`` its session engine, power monitor and input monitor, continue an open
-    session, and announce the station to Home Assistant if ``homeassistant.enabled``: the same
-    wiring on every port (``pins`` is the port's pin bank)."""
-    from .events import PowerMonitor
-    from .pilot import InputMonitor
-    from .session import SessionEngine
-
-    config = agent.config
-    model = agent.meter.model
-    identity = {
-        "gateway_vendor": config["signing"]["gateway_vendor"],
-        "gateway_serial": config["signing"]["gateway_serial"] or config["station_id"],
-        "gateway_version": __version__,
-        "meter_vendor": model.vendor,
-        "meter_model": model.product,
-    }
-    agent.engine = SessionEngine(config, store, signer, agent.clock, agent.meter, agent.publish,
-                                 agent.request_reading, identity)
-    pilot = config["io"]["pilot"]
-    agent.monitor = PowerMonitor(config["events"], model.phases, agent.clock, agent.publish_event,
-                                 lambda: store.next_number("event"), pilot["sample_ms"], pilot["debounce_ms"],
-                                 lambda: agent.inputs.sampled_ms)
-    agent.monitor.session_of = agent.engine.open_session_id
-    agent.inputs = InputMonitor(pins, config["io"], agent.clock, agent)
-    # Meter faults, register anomalies and damage found at start are events an operator sees.
-    agent.engine.alarm = agent.monitor.alarm
-    agent.meter.alarm = agent.monitor.alarm
-    agent.meter.notice = agent.monitor.notice
-    journal = getattr(agent.outbox, "journal", None)
-    for type_, values in getattr(store, "damage", []) + getattr(journal, "damage", []):
-        agent.monitor.notice(type_, values)
-    agent.engine.restore()
-    if config["homeassistant"]["enabled"]:
-        from .ha_discovery import Discovery
-        agent.discovery = Discovery(config, model, agent.outbox.publisher, __version__)

@@ -1,10 +1,18 @@
-"""Board file schema and validation.
+"""Board file schema and validation: the one loader and the one schema of every section.
 
 A board file is JSON describing one charger controller: station id, the meter's serial
-line and model, and MQTT settings. ``load_board`` / ``validate`` fill defaults and refuse a
-broken file with a ``ConfigError`` that names the field and the bad value, so a technician
-can fix it without reading code. The same schema serves command-line overrides
-(``apply_override``) and the technician console's ``config set``.
+line and model, and MQTT settings; a board for a microcontroller adds the ``micropython``
+section (UART pins, Wi-Fi, NTP, watchdog), described in the same schema language and
+checked by the same engine when the loader is asked for that port (``port="micropython"``).
+``load_board`` (a file, with command-line overrides) / ``parse_board`` (text) /
+``validate`` (a parsed document) fill defaults and refuse a broken file with a
+``ConfigError`` that names the field and the bad value, so a technician can fix it without
+reading code. The same schema serves command-line overrides (``apply_override``) and the
+technician console's ``config`` commands (``field_at``, ``setting_paths``, ``closest``).
+
+A field marked ``live`` takes effect at once when changed on a running agent (the
+console's ``config set``); ``is_live`` answers for a setting, ``live_settings`` lists them.
+Every other setting needs a restart.
 """
 
 import json
@@ -22,10 +30,10 @@ _REQUIRED = object()
 class Field:
     """One setting: type, default, and the rule its value must follow."""
 
-    __slots__ = ("kind", "default", "choices", "minimum", "maximum", "nullable", "check", "help")
+    __slots__ = ("kind", "default", "choices", "minimum", "maximum", "nullable", "check", "help", "live")
 
     def __init__(self, kind, default=_REQUIRED, choices=None, minimum=None, maximum=None,
-                 nullable=False, check=None, help=""):
+                 nullable=False, check=None, help="", live=False):
         self.kind = kind
         self.default = default
         self.choices = choices
@@ -34,6 +42,7 @@ class Field:
         self.nullable = nullable
         self.check = check
         self.help = help
+        self.live = live  # the running agent takes a change into use at once
 
 
 def _topic_level(value):
@@ -135,13 +144,20 @@ def _pin_hash(value):
     return None
 
 
-def schema():
+# Ports whose boards have a section of their own (the section is named after the port).
+PORTS = ("micropython",)
+
+
+def schema(port=None):
     """The board file's schema: nested sections of ``Field`` by name, built afresh on each
-    call. Not kept at module level: on a microcontroller its ~150 objects would hold heap for
-    as long as the agent runs, while it is needed only to validate the board file at start
-    and by the console's ``config`` commands (``config.SCHEMA`` builds it too)."""
-    return {
-        "description": Field(str, "", help="free text for people reading the file"),
+    call; with ``port="micropython"`` it holds that port's section too. Not kept at module
+    level: on a microcontroller its ~150 objects would hold heap for as long as the agent
+    runs, while it is needed only to validate the board file at start and by the console's
+    ``config`` commands (``config.SCHEMA`` builds it too)."""
+    if port is not None and port not in PORTS:
+        raise ConfigError("port %s: unknown (known: %s)" % (_shown(port), ", ".join(PORTS)))
+    fields = {
+        "description": Field(str, "", help="free text for people reading the file", live=True),
         "station_id": Field(str, check=_topic_level, help="station id, used in MQTT topics"),
         "meter": {
             "model": Field(str, choices=tuple(sorted(MODELS)), help="meter register map"),
@@ -150,15 +166,16 @@ def schema():
             "baudrate": Field(int, 9600, choices=_BAUDRATES),
             "parity": Field(str, "N", choices=("N", "E", "O")),
             "stopbits": Field(int, 1, choices=(1, 2)),
-            "timeout_ms": Field(int, 500, minimum=20, maximum=5000, help="response timeout"),
-            "retries": Field(int, 2, minimum=0, maximum=10, help="retries after a failed request"),
-            "poll_interval_s": Field(float, 1.0, minimum=0.1, maximum=3600),
+            "timeout_ms": Field(int, 500, minimum=20, maximum=5000, help="response timeout", live=True),
+            "retries": Field(int, 2, minimum=0, maximum=10, help="retries after a failed request",
+                             live=True),
+            "poll_interval_s": Field(float, 1.0, minimum=0.1, maximum=3600, live=True),
             "offline_after": Field(int, 3, minimum=1, maximum=100,
                                    help="failed cycles in a row before the meter is reported offline"),
         },
         "io": {
             "driver": Field(str, "sim", choices=("sim", "gpiod"),
-                            help="sim: pin bank file written by tools/vehicle_sim; gpiod: Linux GPIO"),
+                            help="sim: pin bank file written by tools/sim/vehicle_sim; gpiod: Linux GPIO"),
             "sim_file": Field(str, "run/pins.json", help="pin bank file of the sim driver"),
             "chip": Field(str, "/dev/gpiochip0", help="GPIO chip of the gpiod driver"),
             "pilot": {
@@ -193,21 +210,21 @@ def schema():
         },
         "events": {
             "voltage_min_v": Field(float, 207.0, minimum=0, maximum=1000,
-                                   help="supply voltage band (230 V -10 %)"),
-            "voltage_max_v": Field(float, 253.0, minimum=0, maximum=1000, help="(230 V +10 %)"),
+                                   help="supply voltage band (230 V -10 %)", live=True),
+            "voltage_max_v": Field(float, 253.0, minimum=0, maximum=1000, help="(230 V +10 %)", live=True),
             "phase_loss_v": Field(float, 100.0, minimum=0, maximum=1000,
-                                  help="a phase below this while others are up is lost"),
+                                  help="a phase below this while others are up is lost", live=True),
             "power_drop_pct": Field(float, 50.0, minimum=1, maximum=100,
-                                    help="drop of charging power within one poll"),
+                                    help="drop of charging power within one poll", live=True),
             "fluctuation_pct": Field(float, 25.0, minimum=1, maximum=100,
-                                     help="power swing (max-min) over the fluctuation window"),
-            "fluctuation_window_s": Field(float, 10.0, minimum=1, maximum=600),
+                                     help="power swing (max-min) over the fluctuation window", live=True),
+            "fluctuation_window_s": Field(float, 10.0, minimum=1, maximum=600, live=True),
             "overcurrent_pct": Field(float, 10.0, minimum=0, maximum=100,
-                                     help="tolerance above the advertised current"),
+                                     help="tolerance above the advertised current", live=True),
             "overcurrent_grace_s": Field(float, 5.0, minimum=0, maximum=60,
-                                         help="time a vehicle has to follow a lower advertised current"),
+                                         help="time a vehicle has to follow a lower advertised current", live=True),
             "contactor_check_ms": Field(int, 500, minimum=50, maximum=10000,
-                                        help="feedback must follow the command within this time"),
+                                        help="feedback must follow the command within this time", live=True),
         },
         "journal": {
             "dir": Field(str, "run/journal", help="segment files of the store-and-forward journal"),
@@ -217,14 +234,16 @@ def schema():
                                    help="part of max_bytes kept for session records and events"),
             "segment_bytes": Field(int, 256 * 1024, minimum=1024, maximum=1 << 30),
             "sync_interval_s": Field(float, 30.0, minimum=0.1, maximum=3600,
-                                     help="fsync of aggregates at least this often (sessions/events: at once)"),
+                                     help="fsync of aggregates at least this often (sessions/events: at once)",
+                                     live=True),
             "cursor_sync_s": Field(float, 60.0, minimum=0.1, maximum=3600,
                                    help="how often the acknowledged cursor is saved while it moves "
-                                        "(after a crash, up to this much is sent again)"),
+                                        "(after a crash, up to this much is sent again)", live=True),
             "aggregate_interval_s": Field(float, 10.0, minimum=0.1, maximum=3600,
                                           help="telemetry aggregate interval kept in the journal"),
             "window": Field(int, 64, minimum=1, maximum=1000,
-                            help="journal records handed to the MQTT client and not yet acknowledged"),
+                            help="journal records handed to the MQTT client and not yet acknowledged",
+                            live=True),
         },
         "signing": {
             "key_file": Field(str, "run/station-key.pem",
@@ -244,9 +263,9 @@ def schema():
             "username": Field(str, None, nullable=True),
             "password": Field(str, None, nullable=True),
             "keepalive_s": Field(int, 30, minimum=5, maximum=3600),
-            "telemetry_interval_s": Field(float, 1.0, minimum=0.1, maximum=3600),
+            "telemetry_interval_s": Field(float, 1.0, minimum=0.1, maximum=3600, live=True),
             "status_interval_s": Field(float, 60.0, minimum=1, maximum=3600,
-                                       help="how often the meter link status is republished"),
+                                       help="how often the meter link status is republished", live=True),
             "reconnect_min_s": Field(float, 1.0, minimum=0.1, maximum=600),
             "reconnect_max_s": Field(float, 60.0, minimum=1, maximum=3600),
             "tls": {
@@ -299,11 +318,38 @@ def schema():
             "pty_link": Field(str, "run/console.pty", nullable=True,
                               help='with port "pty": symlink to the pseudo-terminal to connect to'),
             "pin_hash": Field(str, None, nullable=True, check=_pin_hash,
-                              help="hash of the unlock PIN (evse-agent --pin-hash); null: no unlock"),
+                              help="hash of the unlock PIN (evse-agent --pin-hash); null: no unlock",
+                              live=True),
             "lock_after_s": Field(float, 300.0, minimum=1, maximum=86400,
-                                  help="lock again after this long without input"),
-            "max_line": Field(int, 256, minimum=32, maximum=4096, help="longest input line, in bytes"),
+                                  help="lock again after this long without input", live=True),
+            "max_line": Field(int, 256, minimum=32, maximum=4096, help="longest input line, in bytes",
+                              live=True),
         },
+    }
+    if port == "micropython":
+        fields["micropython"] = _micropython_section()
+    return fields
+
+
+def _micropython_section():
+    """What only a microcontroller board has: UART pins, RS-485 direction, pilot ADC pin,
+    Wi-Fi, NTP and the watchdog (``ports/micropython/main.py``)."""
+    return {
+        "uart_id": Field(int, 2, minimum=0, maximum=3, help="UART of the RS-485 transceiver"),
+        "tx_pin": Field(int, minimum=0, help="GPIO of the RS-485 transceiver"),
+        "rx_pin": Field(int, minimum=0, help="GPIO of the RS-485 transceiver"),
+        "de_pin": Field(int, None, nullable=True, minimum=0,
+                        help="RS-485 driver enable (DE and /RE tied); null: auto-direction"),
+        "de_active_high": Field(bool, True),
+        "adc_pin": Field(int, None, nullable=True, minimum=0,
+                         help='pilot voltage divider (io.pilot.source "adc")'),
+        "wifi_ssid": Field(str, None, nullable=True, help="null: no Wi-Fi (a wired or host board)"),
+        "wifi_password": Field(str, None, nullable=True),
+        "ntp_host": Field(str, "pool.ntp.org", check=_host_name),
+        "ntp_interval_s": Field(int, 21600, minimum=60, maximum=7 * 86400,
+                                help="time between clock synchronisations after the first"),
+        "watchdog_s": Field(int, 30, minimum=0, maximum=3600,
+                            help="reset the board when the loops stall this long; 0: no watchdog"),
     }
 
 
@@ -382,7 +428,7 @@ def _common_prefix(a, b):
     return n
 
 
-def _closest(name, known):
+def closest(name, known):
     """The known key most like ``name`` (a likely typo), or None if none is close."""
     best = None
     best_rank = None
@@ -405,7 +451,7 @@ def _validate_section(path, schema, doc):
         raise ConfigError("%s: expected an object, got %s" % (path or "board", _shown(doc)))
     for key in doc:
         if key not in schema:
-            hint = _closest(key, schema)
+            hint = closest(key, schema)
             where = path + "." + key if path else key
             raise ConfigError("%s: unknown field%s" % (where, " (did you mean %r?)" % hint if hint else ""))
     result = {}
@@ -422,9 +468,10 @@ def _validate_section(path, schema, doc):
     return result
 
 
-def validate(doc):
-    """A complete board configuration (defaults filled) from a parsed board document."""
-    config = _validate_section("", schema(), doc)
+def validate(doc, port=None):
+    """A complete board configuration (defaults filled) from a parsed board document; with
+    ``port`` the port's own section too (``config[port]``)."""
+    config = _validate_section("", schema(port), doc)
     _check_rules(config)
     mqtt = config["mqtt"]
     if mqtt["client_id"] is None:
@@ -467,8 +514,9 @@ def _check_rules(config):
                           % (mqtt["reconnect_min_s"], mqtt["reconnect_max_s"]))
 
 
-def parse_board(text, source="board file"):
-    """A validated configuration from board-file text; ConfigError names what is wrong."""
+def parse_board(text, source="board file", port=None, overrides=()):
+    """A validated configuration from board-file text, with ``section.field=value``
+    ``overrides`` applied; ConfigError names the source and what is wrong."""
     try:
         doc = json.loads(text)
     except ValueError as error:
@@ -476,24 +524,30 @@ def parse_board(text, source="board file"):
     except RuntimeError:  # CPython's RecursionError, MicroPython's recursion limit
         raise ConfigError("%s: nested too deeply to be a board file" % source)
     try:
-        return validate(doc)
+        if isinstance(doc, dict):  # else validate names what the file holds instead
+            for assignment in overrides:
+                apply_override(doc, assignment, port)
+        return validate(doc, port)
     except ConfigError as error:
         raise ConfigError("%s: %s" % (source, error))
 
 
-def load_board(path):
-    """The validated configuration in the board file at ``path``."""
+def load_board(path, port=None, overrides=()):
+    """The validated configuration in the board file at ``path`` (the one board loader of
+    both ports and the tools): ``port`` adds its section, ``overrides`` as ``parse_board``."""
     try:
         with open(path) as handle:
             text = handle.read()
     except OSError as error:
         raise ConfigError("%s: cannot read board file (%s)" % (path, error))
-    return parse_board(text, path)
+    except ValueError as error:  # bytes that are not UTF-8
+        raise ConfigError("%s: not valid JSON (%s)" % (path, error))
+    return parse_board(text, path, port, overrides)
 
 
-def field_at(path):
+def field_at(path, port=None):
     """The schema Field for a dotted ``path``; ConfigError if there is none."""
-    spec = schema()
+    spec = schema(port)
     for part in path.split("."):
         if not isinstance(spec, dict) or part not in spec:
             raise ConfigError("%s: unknown setting" % path)
@@ -503,13 +557,13 @@ def field_at(path):
     return spec
 
 
-def apply_override(doc, assignment):
+def apply_override(doc, assignment, port=None):
     """Set ``section.field=value`` in a raw board document; the value is JSON or a plain string."""
     if "=" not in assignment:
         raise ConfigError("override %r is not of the form section.field=value" % assignment)
     path, text = assignment.split("=", 1)
     path = path.strip()
-    field = field_at(path)
+    field = field_at(path, port)
     try:
         value = json.loads(text)
     except (ValueError, RuntimeError):  # not JSON (or nested past the recursion limit)
@@ -525,3 +579,33 @@ def apply_override(doc, assignment):
                               % (".".join(parts[:depth + 1]), _shown(child)))
         node = child
     node[parts[-1]] = value
+
+
+def setting_paths(port=None):
+    """(dotted path, Field) of every setting, in schema order."""
+    out = []
+    _collect(schema(port), "", out)
+    return out
+
+
+def _collect(fields, prefix, out):
+    for key in fields:
+        spec = fields[key]
+        if isinstance(spec, dict):
+            _collect(spec, prefix + key + ".", out)
+        else:
+            out.append((prefix + key, spec))
+
+
+def is_live(path):
+    """True when the running agent takes a change of setting ``path`` into use at once
+    (marked ``live`` in the schema); False for a setting that needs a restart or none."""
+    try:
+        return field_at(path).live
+    except ConfigError:
+        return False
+
+
+def live_settings():
+    """The dotted paths of every setting marked ``live``, in schema order."""
+    return [path for path, field in setting_paths() if field.live]

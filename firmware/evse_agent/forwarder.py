@@ -8,9 +8,9 @@ traffic instead of blocking it, and the broker's acknowledgements pace the repla
 acknowledged cursor moves only over an unbroken run of PUBACK'ed records; the journal
 persists it every ``cursor_sync_s``.
 
-The publisher (port) offers ``publish(topic, payload, qos, retain) -> token or None`` and
-``drain_acked() -> tokens acknowledged since the last call``; the port calls ``wake()`` (from the event loop's thread) on
-every PUBACK and connection change, and the outbox calls it on every append.
+The publisher is the port's (``publish`` -> token or None, ``drain_acked``; contract in
+``ports/__init__.py``); the port calls ``wake()`` (from the event loop's thread) on every
+PUBACK and connection change, and the outbox calls it on every append.
 """
 
 import asyncio
@@ -40,6 +40,10 @@ class Forwarder:
         self._wake = asyncio.Event()
         self._stopping = False
         self._generation = journal.generation
+
+    def set_window(self, window):
+        """Hand at most ``window`` records to the publisher unacknowledged, from the next pump."""
+        self.window = window
 
     def wake(self):
         """New records were appended."""

@@ -140,14 +140,18 @@ class IdentificationDesk:
 
     # -- allow-list ------------------------------------------------------------------
 
-    def allow(self, uid):
+    def allow(self, uid, source):
+        """Add a tag to the allow-list; ``source`` names who changed the list (``status``)."""
         uid = parse_uid(uid)
         self.allowed = self.allowed | {uid}
+        self.allow_list_source = source
         return uid
 
-    def deny(self, uid):
+    def deny(self, uid, source):
+        """Take a tag off the allow-list; ``source`` as for ``allow``."""
         uid = parse_uid(uid)
         self.allowed = self.allowed - {uid}
+        self.allow_list_source = source
         return uid
 
     def on_allow_list_message(self, payload):
@@ -188,19 +192,17 @@ class IdentificationDesk:
         }
 
 
-def attach_identification(agent, stream):
-    """Give ``agent`` an RFID reader on ``stream`` (the port's serial line to the PN532) and
-    the desk that binds its taps to sessions: the same wiring on every port."""
+def identification_desk(config, clock, engine, publisher, topics, stream):
+    """The desk that binds an RFID reader's taps to ``engine``'s sessions, with the reader on
+    ``stream`` (the port's serial line to the PN532); the agent builds it when the board has one."""
     from .pn532 import Pn532Reader
 
-    config = agent.config["identification"]
-    topic = agent.topics.base + "/allow_list"
-    desk = IdentificationDesk(config, agent.clock, agent.engine, topic)
-    desk.reader = Pn532Reader(stream, agent.clock, desk.tap, config["poll_interval_ms"],
+    config = config["identification"]
+    topic = topics.base + "/allow_list"
+    desk = IdentificationDesk(config, clock, engine, topic)
+    desk.reader = Pn532Reader(stream, clock, desk.tap, config["poll_interval_ms"],
                               config["debounce_ms"])
-    agent.engine.identifier = desk
-    agent.identification = desk
-    publisher = agent.outbox.publisher
+    engine.identifier = desk
     if config["allow_list_topic"] and hasattr(publisher, "subscribe"):
         publisher.subscribe(topic, desk.on_allow_list_message)
     return desk

@@ -36,9 +36,7 @@ never dropped: past the bound they go into the reserve and a ``journal_full`` al
 raised; if the disk itself refuses a write, ``disk_error`` is raised and the record is
 kept in memory (and still published) until a write succeeds.
 
-The file system object (port) offers: ``listdir()``, ``open_append(name)``,
-``sync_file(handle)``, ``sync_dir()``, ``truncate(name, size)``, ``remove(name)``,
-``rename(old, new)``, ``read(name)``, ``read_from(name, offset)``, ``write_atomic(name, data)``.
+The file system object is the port's (contract in ``ports/__init__.py``).
 """
 
 import json
@@ -572,6 +570,14 @@ class Journal:
             self.synced_seq = self.segments[-1].last_seq
         self._close_handle()
         self._new_segment(first_seq)
+
+    def set_sync_intervals(self, sync_interval_s=None, cursor_sync_s=None):
+        """Use new ``journal.sync_interval_s`` / ``journal.cursor_sync_s`` (None: keep) from
+        the next ``tick``."""
+        if sync_interval_s is not None:
+            self.sync_ms = int(sync_interval_s * 1000)
+        if cursor_sync_s is not None:
+            self.cursor_sync_ms = int(cursor_sync_s * 1000)
 
     def tick(self, now_ms):
         """Periodic work: batched fsync, cursor persistence, pending retries."""

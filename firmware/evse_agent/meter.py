@@ -96,6 +96,13 @@ class ModbusMeter:
         self._serial_read_ms = None
         self._energy_fault = None  # the reason while the register is invalid
 
+    def set_link_timing(self, timeout_ms=None, retries=None):
+        """Use a new response timeout and / or retry count (None: keep) from the next poll."""
+        if timeout_ms is not None:
+            self.master.set_timeout_ms(timeout_ms)
+        if retries is not None:
+            self.master.set_retries(retries)
+
     async def read(self):
         """Poll every planned request once; a Reading, or None when the cycle failed."""
         now_ms = self.clock.monotonic_ms()

@@ -5,12 +5,8 @@ Framing is pure and works on bytes (``crc16``, ``build_read_request``,
 byte stream the port hands it, with inter-frame silence, a response timeout, an
 inter-character gap limit, and a bounded number of retries.
 
-The stream is an object with:
-
-- ``write(data)`` — send bytes (small frames; may block for their wire time);
-- ``await read(max_bytes, timeout_ms)`` — bytes that arrived within ``timeout_ms``
-  (at least one byte, or ``b""`` on timeout);
-- ``reset_input()`` — drop bytes not yet read.
+The stream is the port's byte stream (``write``, ``await read``, ``reset_input``; the
+contract is in ``ports/__init__.py``).
 """
 
 import asyncio
@@ -203,6 +199,16 @@ class RtuMaster:
         self.stats = MasterStats()
         self._last_activity_ms = clock.monotonic_ms() - self.silence_ms
         self._lock = asyncio.Lock()
+
+    def set_timeout_ms(self, timeout_ms):
+        """Wait this long for a response from the next request on."""
+        self.timeout_ms = timeout_ms
+
+    def set_retries(self, retries):
+        """Retry a failed request this many times (0..10) from the next request on."""
+        if retries < 0 or retries > 10:
+            raise ValueError("retries %r is outside 0..10" % (retries,))
+        self.retries = retries
 
     async def read_registers(self, unit, function, address, count):
         """Register bytes (2 per register) read with retries; raises the last ModbusError."""

@@ -4,8 +4,8 @@ Small JSON documents, each replaced atomically through the port's file system ob
 (``fs.write_atomic`` writes a temporary file, syncs it and renames it over the old one),
 so a crash leaves either the old or the new document, never a torn one.
 
-The file system object offers ``read(name) -> bytes or None``, ``write_atomic(name, data)``
-and ``remove(name)``; names are relative to the agent's state directory.
+The file system object is the port's (``read``, ``write_atomic``, ``remove``; contract in
+``ports/__init__.py``); names are relative to the agent's state directory.
 
 Damage is recovered, not believed: the counters are also kept in a second directory
 (``backup_fs``, the journal's) and each counter starts from the higher copy; after the

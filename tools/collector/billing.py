@@ -2,7 +2,7 @@
 verification bundles a driver can check with the S.A.F.E. transparency software.
 
 Who charged is read from the session's signed OCMF documents (``IT`` ``ISO14443`` and
-``ID`` of the last document, the same in every document of the session: tools/ocmf_verify
+``ID`` of the last document, the same in every document of the session: tools/cli/ocmf_verify
 refuses a session whose documents disagree), not from unsigned record fields. A session
 is billed when the collector verified it (``sessions.verified = 1``: every signature
 checks with the station's registered key and the energy equals the signed registers).

@@ -9,7 +9,7 @@ refuses is counted as malformed without taking the others with it.
 The database decides what is a duplicate (``records`` has ``(station, seq)`` as primary
 key and every insert is ``ON CONFLICT DO NOTHING``), so redeliveries, replays and several
 collectors writing to one database store each record once. Gaps use
-``evse_tools.consumer.SequenceTracker`` as a cache of what the database holds: seeded
+``evse_tools.collector.consumer.SequenceTracker`` as a cache of what the database holds: seeded
 from the database the first time a station is seen (everything below the station's first
 stored gap counts as seen; the records above it are read), updated with each stored record, and
 re-read from the database over its holes and above its highest seq before the
@@ -27,7 +27,7 @@ import logging
 import time
 
 from evse_agent.messages import iso_utc
-from evse_tools.consumer import SequenceTracker
+from evse_tools.collector.consumer import SequenceTracker
 
 from .verify import verify_session
 
@@ -558,7 +558,7 @@ class Ingestor:
         store.execute("DELETE FROM gaps WHERE station = ?", (station,))
         for first, last in gaps:
             # A gap that only shrank keeps the time it was first seen.
-            seen = [detected for f, l, detected in old if f <= last and l >= first]
+            seen = [detected for f, end, detected in old if f <= last and end >= first]
             if not seen:
                 log.warning("station %s: records %d..%d not received", station, first, last)
             store.execute("INSERT INTO gaps (station, first_seq, last_seq, detected_at) VALUES (?, ?, ?, ?)",

@@ -5,7 +5,7 @@ import os
 
 from cryptography.hazmat.primitives import serialization
 
-from evse_tools.ocmf_verify import load_public_key
+from evse_tools.cli.ocmf_verify import load_public_key
 
 from .ingest import Ingestor
 

@@ -6,14 +6,13 @@
 
 ``--db`` is a SQLite file path (or ``sqlite:///PATH``) or a ``postgresql://`` URL.
 
-Subcommands from ``report.py``: if the module ``evse_tools.collector.report`` exists, its
-``add_parser(subparsers)`` adds them (each with ``add_db_argument(parser)`` from this
-package's ``store`` module, so ``args.db`` is set), and ``main`` calls ``report.run(args,
-store)`` for any subcommand that did not set a ``handler`` of its own.
+Subcommands from ``report.py``: its ``add_parser(subparsers)`` adds them (each with
+``add_db_argument(parser)`` from this package's ``store`` module, so ``args.db`` is set), and
+``main`` calls ``report.run(args, store)`` for any subcommand that did not set a ``handler``
+of its own.
 """
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import signal
 import sys
 import threading
 
+from . import report
 from .keys import pem_of, register_key, register_key_dir
 from .service import DEFAULT_SESSION_EXPIRY_S, BrokerSettings, CollectorService, parse_broker
 from .store import add_db_argument, open_store, redacted
@@ -28,17 +28,6 @@ from .store import add_db_argument, open_store, redacted
 log = logging.getLogger("evse.collector")
 
 PASSWORD_ENV = "EVSE_COLLECTOR_PASSWORD"
-
-
-def _report_module():
-    """``evse_tools.collector.report`` if it exists, else None."""
-    name = __package__ + ".report"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as error:
-        if error.name != name:
-            raise
-        return None
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -60,8 +49,8 @@ def status_doc(store):
             "key": bool(has_key), "records": counts,
             "highest_seq": store.scalar("SELECT MAX(seq) FROM records WHERE station = ?", (station,)),
             "sessions": store.scalar("SELECT COUNT(*) FROM sessions WHERE station = ?", (station,)),
-            "gaps": [{"first_seq": f, "last_seq": l, "detected_at": d} for f, l, d in gaps],
-            "missing": sum(l - f + 1 for f, l, _ in gaps),
+            "gaps": [{"first_seq": f, "last_seq": last, "detected_at": d} for f, last, d in gaps],
+            "missing": sum(last - f + 1 for f, last, _ in gaps),
             "malformed": malformed,
         })
     unverified = [{"station": s, "session_id": i, "verify_error": e} for s, i, e in store.query(
@@ -193,17 +182,15 @@ def build_parser():
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=cmd_status)
 
-    report = _report_module()
-    if report is not None:
-        report.add_parser(subparsers)
+    report.add_parser(subparsers)
     from . import billing
     billing.add_parser(subparsers)
-    return parser, report
+    return parser
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    parser, report = build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     try:

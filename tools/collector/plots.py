@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 
 from evse_agent.messages import iso_utc  # noqa: E402
 
-from .report import HOUR_S, WEEKDAYS, clip, peak_hours, spread_by_hour  # noqa: E402
+from .fleet import HOUR_S, WEEKDAYS, clip, peak_hours, spread_by_hour  # noqa: E402
 
 DPI = 100
 SIZE_IN = (11, 5.5)

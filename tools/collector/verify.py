@@ -1,6 +1,6 @@
 """Checking a session record's signed readings against the station's registered key.
 
-The cryptography and the OCMF parsing are ``evse_tools.ocmf_verify``'s (independent of
+The cryptography and the OCMF parsing are ``evse_tools.cli.ocmf_verify``'s (independent of
 the agent's signing code); this module decides what a session record must satisfy:
 
 - every OCMF document of the session (``ocmf_documents``, else ``ocmf_begin`` /
@@ -13,7 +13,7 @@ the agent's signing code); this module decides what a session record must satisf
 - the record's ``begin`` / ``end`` register values are the signed ones.
 """
 
-from evse_tools.ocmf_verify import END_REASONS, Document, Invalid, check_session, load_public_key, \
+from evse_tools.cli.ocmf_verify import END_REASONS, Document, Invalid, check_session, load_public_key, \
     reading_energy_wh
 
 CLOSING_REASONS = END_REASONS + ("X",)

@@ -48,7 +48,6 @@ PIN_MAX = 32
 MAX_DELAY_S = 300
 PROBE_FILE = "selftest.probe"
 MASKED = ("mqtt.password", "console.pin_hash")  # never shown, not even to an unlocked console
-CONSOLE_LIVE = ("console.lock_after_s", "console.max_line", "console.pin_hash")
 
 PILOT_MEANING = {
     "A": "no vehicle",
@@ -212,6 +211,14 @@ class PinLock:
         self.failures = 0  # wrong PINs in a row
         self.retry_at_ms = now_ms
 
+    def set_pin_hash(self, pin_hash):
+        """Use a new ``console.pin_hash`` (None: nothing unlocks) from the next ``unlock``."""
+        self.pin_hash = pin_hash
+
+    def set_lock_after(self, lock_after_s):
+        """Use a new ``console.lock_after_s`` from the next inactivity check."""
+        self.lock_after_ms = int(lock_after_s * 1000)
+
     def touch(self, now_ms):
         self.last_input_ms = now_ms
 
@@ -262,6 +269,10 @@ class LineEditor:
         self._low = 0x80  # allowed range of the next continuation byte
         self._high = 0xBF
         self._char_start = 0
+
+    def set_max_line(self, max_line):
+        """Use a new ``console.max_line`` from the next byte."""
+        self.max_line = max_line
 
     def push(self, byte):
         after_cr = self._after_cr

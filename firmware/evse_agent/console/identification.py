@@ -25,10 +25,9 @@ async def cmd_id(self, args):
     if len(args) != 2:
         raise CommandError("usage: id %s <UID>, e.g. id %s 04A1B2C3D4E5F6" % (sub, sub))
     try:
-        uid = desk.allow(args[1]) if sub == "allow" else desk.deny(args[1])
+        uid = desk.allow(args[1], "console") if sub == "allow" else desk.deny(args[1], "console")
     except ValueError as error:
         raise CommandError(str(error))
-    desk.allow_list_source = "console"
     console._say("%s %s: %d tag(s) on the allow-list until restart" % (
         "allowed" if sub == "allow" else "removed", uid, len(desk.allowed)))
 

@@ -8,10 +8,9 @@ import binascii
 import json
 
 from .. import log
-from ..journal import SESSION, SUMMARY, scan
 from ..ocmf import parse_document
 from . import (CommandError, WIDTH, _count_arg, _date_time, _duration, _fit, _no_args, _pad,
-    _record_doc, _size, match)
+    _size, match)
 
 
 async def cmd_events(self, args):
@@ -76,65 +75,22 @@ async def cmd_journal(self, args):
     self._table(rows)
 
 async def _verify_journal(self):
-    """Every frame's CRC, the sequence (gaps only where a summary covers them), each
-    payload's seq, and the OCMF signatures of session records."""
+    """The core's journal check (``journal_check``), segment by segment with a yield
+    between them; OCMF signatures checked with the station's own key."""
+    from ..journal_check import JournalCheck, report_lines
     journal = self.journal
     signer = self.agent.engine.signer if self.agent.engine is not None else None
-    can_verify = signer is not None and hasattr(signer, "verify")
-    problems = []
-    records = 0
-    documents = 0
-    first = last = None
-    covered = []
-    seqs = []
+    check_document = None
+    if signer is not None and hasattr(signer, "verify"):
+        def check_document(text):
+            return self._ocmf_problem(text, signer)
+    check = JournalCheck(check_document)
     for segment in list(journal.segments):
-        data = journal.fs.read(segment.name)
-        if data is None:
-            problems.append("%s was deleted while verifying (acknowledged)" % segment.name)
-            continue
-        found, torn, corrupt = scan(data)
-        if corrupt:
-            problems.append("%s: %d damaged stretch(es) skipped" % (segment.name, corrupt))
-        if torn is not None:
-            problems.append("%s: %d bytes at the end are not a whole record" % (segment.name, len(data) - torn))
-        for record in found:
-            records += 1
-            if last is not None and record.seq <= last:
-                problems.append("%s: seq %d does not follow %d" % (segment.name, record.seq, last))
-                continue
-            first = record.seq if first is None else first
-            last = record.seq
-            seqs.append(record.seq)
-            doc = _record_doc(record)
-            if doc is None or doc.get("seq") != record.seq:
-                problems.append("seq %d: payload is not JSON carrying its seq" % record.seq)
-                continue
-            if record.type == SUMMARY:
-                for pair in doc.get("covers_seq") or []:
-                    covered.append((pair[0], pair[1]))
-            elif record.type == SESSION and can_verify:
-                for text in doc.get("ocmf_documents") or []:
-                    documents += 1
-                    problem = self._ocmf_problem(text, signer)
-                    if problem:
-                        problems.append("seq %d (%s): OCMF %s" % (record.seq, doc.get("session_id"), problem))
+        check.segment(segment.name, journal.fs.read(segment.name))
         await asyncio.sleep(0)
-    for before, after in zip(seqs, seqs[1:]):
-        seq = before + 1
-        while seq < after:  # every seq between two records must be in a summary's runs
-            ends = [high for low, high in covered if low <= seq <= high]
-            if not ends:
-                problems.append("seq %d missing (not covered by a summary)" % seq)
-                break
-            seq = max(ends) + 1
-    for problem in problems[:20]:
-        self._say("FAIL  " + _fit(problem, WIDTH - 7))
-    if len(problems) > 20:
-        self._say("FAIL  ... and %d more" % (len(problems) - 20))
-    span = "seq %d..%d" % (first, last) if first is not None else "no records"
-    signatures = "%d OCMF signature(s) verified" % documents if can_verify else "signatures not checked"
-    self._say("journal verify: %d record(s), %s, %s: %s" % (
-        records, span, signatures, "%d problem(s)" % len(problems) if problems else "ok"))
+    check.finish()
+    for line in report_lines(check, 20, WIDTH):
+        self._say(line)
 
 def _ocmf_problem(self, text, signer):
     """Why an OCMF document does not verify with the station's key, or None."""
@@ -142,9 +98,9 @@ def _ocmf_problem(self, text, signer):
         _, signature, payload_text = parse_document(text)
         sd = binascii.unhexlify(signature["SD"])
     except (ValueError, TypeError) as error:
-        return "unreadable: %s" % error
+        return "malformed: %s" % error
     if not signer.verify(payload_text.encode(), sd):
-        return "signature does not verify with the station key"
+        return "signature INVALID: does not verify with the station key"
     return None
 
 async def cmd_mqtt(self, args):

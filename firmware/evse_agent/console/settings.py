@@ -6,8 +6,8 @@ docstring): ``self`` is the console."""
 import json
 
 from .. import log
-from ..config import ConfigError, _closest, apply_override, field_at, schema, validate
-from . import CONSOLE_LIVE, CommandError, MASKED, _no_args, _shown, match
+from ..config import ConfigError, apply_override, closest, field_at, is_live, schema, setting_paths, validate
+from . import CommandError, MASKED, _no_args, _shown, match
 
 
 async def cmd_config(self, args):
@@ -33,7 +33,7 @@ async def cmd_config(self, args):
 
 def _setting(self, word):
     """The setting ``word`` names: a full dotted path, or the beginning of only one."""
-    paths = [path for path, _ in _leaves(schema(), "")]
+    paths = [path for path, _ in setting_paths()]
     if word in paths:
         return word
     found = [path for path in paths if path.startswith(word)]
@@ -42,7 +42,7 @@ def _setting(self, word):
     if found:
         raise CommandError("ambiguous setting %s: could be %s%s" % (
             _shown(word), ", ".join(found[:4]), ", ..." if len(found) > 4 else ""))
-    hint = _closest(word, paths)
+    hint = closest(word, paths)
     raise CommandError("unknown setting %s%s" % (_shown(word), "; did you mean %s?" % hint if hint else ""))
 
 def _shown_value(self, path, value):
@@ -66,7 +66,7 @@ def _config_show(self, args):
     sections = tuple(name for name in fields if isinstance(fields[name], dict))
     prefix = match(args[0], sections, "section") + "." if args else ""
     # Sorted by name: MicroPython's dicts do not keep the schema's order.
-    for path in sorted(path for path, _ in _leaves(fields, "")):
+    for path in sorted(path for path, _ in setting_paths()):
         if not path.startswith(prefix):
             continue
         line = "%s = %s" % (path, self._shown_value(path, _get(self.agent.config, path)))
@@ -95,7 +95,7 @@ def _config_get(self, path):
         self._say("  after restart: %s" % self._shown_value(path, self._file_value(path)))
 
 def _live(self, path):
-    return path in CONSOLE_LIVE or self.agent.live_setting(path)
+    return is_live(path)
 
 def _config_set(self, path, text):
     if self.board is None:
@@ -125,16 +125,17 @@ def _config_set(self, path, text):
     self._say("%s = %s: needs a restart ('config save', then 'restart')" % (path, self._shown_value(path, value)))
 
 def _apply(self, path, value):
-    """Use a setting now where that is safe; False when it needs a restart."""
-    if path in CONSOLE_LIVE:
-        if path == "console.lock_after_s":
-            self.lock.lock_after_ms = int(value * 1000)
-        elif path == "console.max_line":
-            self.editor.max_line = value
-        else:
-            self.lock.pin_hash = value
-        self.agent.config["console"][path.split(".")[1]] = value
-        return True
+    """Use a setting now where the schema marks it live (the console's own through the
+    lock's and the line editor's setters, the rest by the agent); False when it needs a
+    restart."""
+    if not is_live(path):
+        return False
+    if path == "console.lock_after_s":
+        self.lock.set_lock_after(value)
+    elif path == "console.max_line":
+        self.editor.set_max_line(value)
+    elif path == "console.pin_hash":
+        self.lock.set_pin_hash(value)
     return self.agent.apply_setting(path, value)
 
 def _config_save(self):
@@ -157,19 +158,6 @@ def _config_save(self):
     self.unsaved = []
     if self.needs_restart:
         self._say("restart to use: %s" % ", ".join(self.needs_restart))
-
-
-def _leaves(schema, prefix):
-    """(dotted path, Field) of every setting, in schema order."""
-    out = []
-    for key in schema:
-        spec = schema[key]
-        path = prefix + key
-        if isinstance(spec, dict):
-            out.extend(_leaves(spec, path + "."))
-        else:
-            out.append((path, spec))
-    return out
 
 
 def _get(doc, path):

@@ -21,7 +21,6 @@ import tty
 import serial
 
 from ... import log
-from ...console import Console
 from .fs import replace_file
 
 # Console output kept while the terminal does not read (beyond it, output is dropped and
@@ -239,12 +238,9 @@ class BoardFile:
         return backup
 
 
-def attach_console(agent, board_path, overrides, restart):
-    """Give ``agent`` the console its board file names (``console.port``); returns the
-    stream to close at exit, or None when the board has no console."""
-    config = agent.config["console"]
+def open_console(config):
+    """The console stream the board names (``console.port``), or None when it has none."""
+    config = config["console"]
     if config["port"] is None:
         return None
-    stream = ConsoleStream(config["port"], config["baudrate"], config["pty_link"])
-    agent.console = Console(agent, stream, BoardFile(board_path, overrides), restart)
-    return stream
+    return ConsoleStream(config["port"], config["baudrate"], config["pty_link"])

@@ -1,7 +1,7 @@
 """A directory of the agent's on a Linux file system: state files and journal segments.
 
-The core's file system object: whole-file reads, crash-safe replacement, appends with
-fsync, truncation — all relative to one root directory.
+The core's file system object (contract: ``ports/__init__.py``): whole-file reads,
+crash-safe replacement, appends with fsync, truncation — all relative to one root directory.
 """
 
 import os

@@ -6,26 +6,19 @@ Usage: ``evse-agent --board boards/sim.json [--set meter.port=/dev/pts/3] [--dur
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
 import time
 
 from ... import __version__, log
-from ...agent import Agent, attach_charge_point
-from ...config import ConfigError, apply_override, validate
+from ...config import ConfigError, load_board
 from ...console import pin_hash
-from ...forwarder import Forwarder
-from ...journal import Journal
-from ...messages import Outbox, Topics, iso_utc
-from ...meter import ModbusMeter
-from ...meter_models import model_named
-from ...modbus_rtu import RtuMaster
+from ...messages import Topics, iso_utc
 from ...reading import summary_line
-from ...store import StateStore
+from ...station import Ports, build_station
 from .clock import SystemClock
-from .console_port import attach_console
+from .console_port import BoardFile, open_console
 from .fs import FileSystem
 from .mqtt import MqttPublisher
 from .serial_link import SerialStream
@@ -34,21 +27,8 @@ from .signer import FileKeySigner
 
 def load_config(board_path, overrides):
     """The validated board config with ``section.field=value`` overrides applied."""
+    config = load_board(board_path, overrides=overrides)
     try:
-        with open(board_path) as handle:
-            doc = json.load(handle)
-    except OSError as error:
-        raise ConfigError("%s: cannot read board file (%s)" % (board_path, error))
-    except ValueError as error:
-        raise ConfigError("%s: not valid JSON (%s)" % (board_path, error))
-    except RecursionError:
-        raise ConfigError("%s: nested too deeply to be a board file" % board_path)
-    if not isinstance(doc, dict):
-        raise ConfigError("%s: expected a JSON object at the top level" % board_path)
-    for assignment in overrides:
-        apply_override(doc, assignment)
-    try:
-        config = validate(doc)
         check_files(config)
     except ConfigError as error:
         raise ConfigError("%s: %s" % (board_path, error))
@@ -92,41 +72,34 @@ def pin_bank(io_config):
     return GpiodPinBank(io_config)
 
 
-def build_agent(config, clock, quiet=False, stream=None, pins=None):
-    """Wire the ports to the core; returns (agent, publisher, stream, journal).
+def build_agent(config, clock, quiet=False, stream=None, pins=None, console_stream=None, board=None,
+                restart=None):
+    """Open the board's platform parts and build the station on them (``station.build_station``);
+    returns (agent, publisher, stream, journal).
 
     ``stream`` and ``pins`` replace the board's serial line and pin bank (the fleet
-    simulator gives each station simulated ones)."""
+    simulator gives each station simulated ones); ``console_stream``, ``board`` and
+    ``restart`` are the technician console's, when the board has one."""
     meter_cfg = config["meter"]
-    model = model_named(meter_cfg["model"])
     signer = FileKeySigner(config["signing"]["key_file"])
-    journal_cfg = config["journal"]
-    # The journal's directory keeps a second copy of the counters (see store.py).
-    store = StateStore(FileSystem(config["session"]["state_dir"]), FileSystem(journal_cfg["dir"]))
-    if stream is None:
-        stream = SerialStream(meter_cfg["port"], meter_cfg["baudrate"], meter_cfg["parity"],
-                              meter_cfg["stopbits"])
-    master = RtuMaster(stream, clock, meter_cfg["baudrate"], meter_cfg["timeout_ms"], meter_cfg["retries"])
-    meter = ModbusMeter(master, model, meter_cfg["unit_id"], clock, meter_cfg["offline_after"])
-    topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
-    publisher = MqttPublisher(config["mqtt"], topics.status)
-    journal = Journal(FileSystem(journal_cfg["dir"]), journal_cfg, clock)
-    journal.recover()
-    store.recover_from_journal(journal)
-    forwarder = Forwarder(journal, publisher, topics, clock, journal_cfg["window"])
-    outbox = Outbox(publisher, config["station_id"], journal, forwarder)
-    agent = Agent(config, meter, outbox, clock, forwarder=forwarder,
-                  on_reading=None if quiet else _print_reading)
-    journal.alarm = agent.on_journal_alarm
-    attach_charge_point(agent, store, signer, pins if pins is not None else pin_bank(config["io"]))
+    reader_stream = None
     id_cfg = config["identification"]
     if id_cfg["enabled"]:
-        from ...identification import attach_identification
         if id_cfg["port"] is None:
             raise ConfigError("identification.port: needed when identification.enabled is true")
         # Opened by the reader task, and again after it was unplugged: never a reason not to start.
-        attach_identification(agent, SerialStream(id_cfg["port"], id_cfg["baudrate"], role="reader port"))
-    return agent, publisher, stream, journal
+        reader_stream = SerialStream(id_cfg["port"], id_cfg["baudrate"], role="reader port")
+    if pins is None:
+        pins = pin_bank(config["io"])
+    if stream is None:
+        stream = SerialStream(meter_cfg["port"], meter_cfg["baudrate"], meter_cfg["parity"],
+                              meter_cfg["stopbits"])
+    topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
+    publisher = MqttPublisher(config["mqtt"], topics.status)
+    ports = Ports(stream, FileSystem, publisher, pins, signer, reader_stream, console_stream, board, restart,
+                  None if quiet else _print_reading)
+    agent = build_station(config, clock, ports)
+    return agent, publisher, stream, agent.outbox.journal
 
 
 async def _run(agent, publisher, duration_s):
@@ -173,21 +146,22 @@ def main(argv=None):
             return 1
         return 0
     clock = SystemClock(config["clock"]["sync"])
-    try:
-        agent, publisher, stream, journal = build_agent(config, clock, args.quiet)
-    except (OSError, ValueError) as error:
-        sys.stderr.write("evse-agent: refusing to start: %s\n" % error)
-        return 1
     restart = []
-    console = None
+    agent = None
 
     def request_restart():
         restart.append(True)
         agent.stop()
 
+    console = None
     try:
-        console = attach_console(agent, args.board, args.overrides, request_restart)
+        console = open_console(config)
+        board = None if console is None else BoardFile(args.board, args.overrides)
+        agent, publisher, stream, journal = build_agent(config, clock, args.quiet, console_stream=console,
+                                                        board=board, restart=request_restart)
     except (OSError, ValueError) as error:
+        if console is not None:
+            console.close()
         sys.stderr.write("evse-agent: refusing to start: %s\n" % error)
         return 1
     log.info("evse-agent %s station %s: meter %s unit %d on %s, broker %s:%d" % (

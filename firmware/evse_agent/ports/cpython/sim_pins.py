@@ -1,6 +1,6 @@
 """Pin bank of the host simulator board: the pin file written by ``evse-vehicle-sim``.
 
-The file (``io.sim_file``, format in ``tools/vehicle_sim.py``) is replaced atomically on
+The file (``io.sim_file``, format in ``tools/sim/vehicle_sim.py``) is replaced atomically on
 every change; it is re-read only when its size, mtime or inode changed, so sampling it
 every 20 ms costs one ``stat``. No file yet means no simulator: +12 V (state A), 100 %
 duty, contactor open. A file that cannot be used (torn, not JSON, a field of the wrong

@@ -90,13 +90,9 @@ def _keyboard_interrupt(on):
         pass
 
 
-def attach_console(agent):
-    """Give ``agent`` the REPL console if its board file asks for it (``console.port`` "repl")."""
-    if agent.config["console"]["port"] != "repl":
+def open_console(config, on_escape):
+    """The REPL console stream if the board file asks for it (``console.port`` "repl"), else None;
+    ``on_escape()`` is called on the technician's Ctrl-C."""
+    if config["console"]["port"] != "repl":
         return None
-    from ...console import Console
-    import machine
-
-    stream = ReplStream(on_escape=agent.stop)
-    agent.console = Console(agent, stream, board=None, restart=machine.reset)
-    return stream
+    return ReplStream(on_escape=on_escape)

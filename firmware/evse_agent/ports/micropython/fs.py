@@ -1,6 +1,6 @@
 """A directory of the agent's on MicroPython's VFS (littlefs on a board): state and journal.
 
-The core's file system object (see ``store`` and ``journal``), with only what MicroPython
+The core's file system object (contract: ``ports/__init__.py``), with only what MicroPython
 offers: ``open``, ``os.listdir``, ``os.rename``, ``os.remove``, ``os.stat``.
 
 - Atomic replace: write ``<name>.tmp``, flush, close, rename over the old file. On littlefs

@@ -2,8 +2,8 @@
 
 ``boot``: read ``/board.json`` — the same board file as on Linux, plus a ``micropython``
 section for what only a microcontroller has (UART pins, DE pin, ADC pin, Wi-Fi, NTP,
-watchdog) that is taken out before the common file is validated — then wire the core to
-the board as ``ports/cpython/main.py`` does on Linux, and run one asyncio task per concern:
+watchdog), checked by the same schema (``config.py``) — then build the station on the
+board with ``station.build_station`` as Linux does, and run one asyncio task per concern:
 
 - Wi-Fi with back-off; MQTT (``mqtt.py``, never blocking the loop) reconnecting with back-off
   once Wi-Fi is up;
@@ -17,121 +17,56 @@ The journal and the state live on the board's littlefs (``journal.dir``, ``sessi
 """
 
 import asyncio
-import json
 import time
 
 from ... import __version__, log
-from ...agent import Agent, attach_charge_point
-from ...config import ConfigError, validate
-from ...forwarder import Forwarder
-from ...journal import Journal
-from ...messages import Outbox, Topics
-from ...meter import ModbusMeter
-from ...meter_models import model_named
-from ...modbus_rtu import RtuMaster
-from ...store import StateStore
+from ...config import ConfigError, load_board as load_board_file
+from ...messages import Topics
+from ...station import Ports, build_station
 from .clock import MicroClock
 from .fs import FileSystem
 
 BOARD_FILE = "/board.json"
 
-# The board file's "micropython" section: name -> (default, required type or None)
-PORT_FIELDS = {
-    "uart_id": (2, int),
-    "tx_pin": (None, int),
-    "rx_pin": (None, int),
-    "de_pin": (None, int),            # RS-485 driver enable (DE and /RE tied); null: auto-direction
-    "de_active_high": (True, bool),
-    "adc_pin": (None, int),           # pilot voltage divider (io.pilot.source "adc")
-    "wifi_ssid": (None, str),
-    "wifi_password": (None, str),
-    "ntp_host": ("pool.ntp.org", str),
-    "ntp_interval_s": (21600, int),
-    "watchdog_s": (30, int),          # 0: no watchdog
-}
-
-
-def split_board(doc):
-    """(common board document, port settings) — ConfigError naming a bad port field."""
-    doc = dict(doc)
-    section = doc.pop("micropython", {})
-    if not isinstance(section, dict):
-        raise ConfigError("micropython: expected an object")
-    port = {}
-    for key in section:
-        if key not in PORT_FIELDS:
-            raise ConfigError("micropython.%s: unknown field (known: %s)" % (key, ", ".join(sorted(PORT_FIELDS))))
-    for key, (default, kind) in PORT_FIELDS.items():
-        value = section.get(key, default)
-        if value is not None and not isinstance(value, kind):
-            raise ConfigError("micropython.%s: %s is not %s" % (key, json.dumps(value), kind.__name__))
-        port[key] = value
-    for key in ("tx_pin", "rx_pin"):
-        if port[key] is None:
-            raise ConfigError("micropython.%s: missing (GPIO of the RS-485 transceiver)" % key)
-    return doc, port
-
 
 def load_board(path=BOARD_FILE):
-    try:
-        with open(path) as handle:
-            doc = json.loads(handle.read())
-    except OSError as error:
-        raise ConfigError("%s: cannot read board file (%s)" % (path, error))
-    except ValueError as error:
-        raise ConfigError("%s: not valid JSON (%s)" % (path, error))
-    if not isinstance(doc, dict):
-        raise ConfigError("%s: expected a JSON object at the top level" % path)
-    common, port = split_board(doc)
-    try:
-        return validate(common), port
-    except ConfigError as error:
-        raise ConfigError("%s: %s" % (path, error))
+    """(common configuration, the ``micropython`` section): the one board loader, asked for
+    this port's section (``config.py``); ConfigError names the field."""
+    config = load_board_file(path, "micropython")
+    return config, config.pop("micropython")
 
 
 def _console_sink(level, text):
     print("%s %s" % (log.LEVEL_NAMES.get(level, level), text))
 
 
-def build(config, port, clock):
-    """Wire the board's hardware to the core; returns (agent, publisher, journal)."""
+def build(config, port, clock, console_stream=None, restart=None):
+    """Open the board's hardware and build the station on it (``station.build_station``);
+    returns (agent, publisher, journal)."""
     from .mqtt import MqttPublisher
     from .pins import MachinePinBank
     from .signer import file_key_signer
     from .uart import UartStream
 
     meter_cfg = config["meter"]
-    model = model_named(meter_cfg["model"])
-    state_fs = FileSystem(config["session"]["state_dir"])
     signer = file_key_signer(config["signing"]["key_file"], _write_atomic)
     if signer.created:
         log.info("created the station key %s; public key %s" % (config["signing"]["key_file"], signer.public_key_hex()))
-    journal_cfg = config["journal"]
-    # The journal's directory keeps a second copy of the counters (see store.py).
-    store = StateStore(state_fs, FileSystem(journal_cfg["dir"]))
     stream = UartStream(port["uart_id"], meter_cfg["baudrate"], meter_cfg["parity"], meter_cfg["stopbits"],
                         port["tx_pin"], port["rx_pin"], port["de_pin"], port["de_active_high"])
-    master = RtuMaster(stream, clock, meter_cfg["baudrate"], meter_cfg["timeout_ms"], meter_cfg["retries"])
-    meter = ModbusMeter(master, model, meter_cfg["unit_id"], clock, meter_cfg["offline_after"])
     topics = Topics(config["mqtt"]["topic_prefix"], config["station_id"])
     publisher = MqttPublisher(config["mqtt"], topics.status, clock)
-    journal = Journal(FileSystem(journal_cfg["dir"]), journal_cfg, clock)
-    journal.recover()
-    store.recover_from_journal(journal)
-    forwarder = Forwarder(journal, publisher, topics, clock, journal_cfg["window"])
-    publisher.on_activity = forwarder.wake
-    outbox = Outbox(publisher, config["station_id"], journal, forwarder)
-    agent = Agent(config, meter, outbox, clock, forwarder=forwarder)
-    journal.alarm = agent.on_journal_alarm
-    attach_charge_point(agent, store, signer, MachinePinBank(config["io"], port))
+    reader_stream = None
     id_cfg = config["identification"]
     if id_cfg["enabled"]:  # PN532 in HSU mode on its own UART
-        from ...identification import attach_identification
         if None in (id_cfg["uart_id"], id_cfg["tx_pin"], id_cfg["rx_pin"]):
             raise ConfigError("identification.uart_id, tx_pin and rx_pin are needed when enabled")
-        attach_identification(agent, UartStream(id_cfg["uart_id"], id_cfg["baudrate"], "N", 1,
-                                                id_cfg["tx_pin"], id_cfg["rx_pin"]))
-    return agent, publisher, journal
+        reader_stream = UartStream(id_cfg["uart_id"], id_cfg["baudrate"], "N", 1, id_cfg["tx_pin"], id_cfg["rx_pin"])
+    ports = Ports(stream, FileSystem, publisher, MachinePinBank(config["io"], port), signer, reader_stream,
+                  console_stream, None, restart)
+    agent = build_station(config, clock, ports)
+    publisher.on_activity = agent.forwarder.wake
+    return agent, publisher, agent.outbox.journal
 
 
 def _write_atomic(path, data):
@@ -175,11 +110,25 @@ async def watchdog(agent, timeout_s, poll_interval_s):
 
 
 async def run(config, port):
-    from .console import attach_console
+    from .console import open_console
 
     clock = MicroClock(config["clock"]["sync"])
-    agent, publisher, journal = build(config, port, clock)
-    console = attach_console(agent)
+    agent = None
+
+    def escape():  # the technician's Ctrl-C on the REPL console
+        agent.stop()
+
+    console = open_console(config, escape)
+    restart = None
+    if console is not None:
+        import machine
+        restart = machine.reset
+    try:
+        agent, publisher, journal = build(config, port, clock, console, restart)
+    except BaseException:
+        if console is not None:
+            console.close()  # keyboard interrupt on again
+        raise
     tasks = []
     network_up = None
     if port["wifi_ssid"]:

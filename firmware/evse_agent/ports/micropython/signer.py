@@ -10,7 +10,7 @@ written atomically (temp file + rename on littlefs).
 import binascii
 import os
 
-from .. import p256
+from . import p256
 
 PEM_HEADER = "-----BEGIN PRIVATE KEY-----"
 PEM_FOOTER = "-----END PRIVATE KEY-----"
