@@ -1,0 +1,226 @@
+"""Edge-driven inputs: the input monitor reads a bank that announces changes only when told.
+
+A scripted bank on a scripted clock checks the debounce contract against the sampled
+reference (a change is accepted once it held ``debounce_ms``, at that moment) for random
+input histories; the real sim pin bank, with the kernel announcing each new pin file, checks
+that nothing is read while nothing changes, and that the vehicle simulator started after
+the monitor, killed and restarted is followed.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from hypothesis import given, settings, strategies as st
+
+from conftest import ROOT
+from evse_agent.config import validate
+from evse_agent.pilot import IDLE_LOOK_MS, Debouncer, InputMonitor, PinSample
+from evse_agent.ports.cpython.clock import SystemClock
+from evse_agent.ports.cpython.sim_pins import SimPinBank
+from evse_tools.vehicle_sim import VehicleSim
+
+
+def io_config(tmp_path, source="adc", debounce_ms=60, sample_ms=10):
+    board = {"station_id": "test", "meter": {"model": "sdm630", "port": "/dev/null"},
+             "io": {"driver": "sim", "sim_file": str(tmp_path / "pins.json"),
+                    "pilot": {"source": source, "debounce_ms": debounce_ms, "sample_ms": sample_ms}}}
+    return validate(board)["io"]
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def on_inputs(self, state, now_ms):
+        self.calls.append((state, now_ms))
+
+
+# -- the debounce contract on a scripted clock -------------------------------------------
+
+class ScriptClock:
+    def __init__(self):
+        self.now = 0
+
+    def monotonic_ms(self):
+        return self.now
+
+
+class ScriptBank:
+    """Announces each scripted change at its time; ``wait_change`` moves the scripted clock."""
+
+    def __init__(self, clock, changes, end_ms, monitor_box):
+        self.clock = clock
+        self.changes = list(changes)  # (at_ms, volts), time-ordered
+        self.end_ms = end_ms
+        self.volts = 12.0
+        self.reads = 0
+        self.announced = False
+        self.box = monitor_box
+        self.sampled_while_waiting = []
+
+    def read(self):
+        self.reads += 1
+        self.announced = False
+        return PinSample(pilot_volts=self.volts, duty_pct=100.0, contactor_command=False,
+                         contactor_feedback=False)
+
+    async def wait_change(self, timeout_ms):
+        monitor = self.box[0]
+        if monitor._waiting:
+            self.sampled_while_waiting.append((monitor.sampled_ms, self.clock.now))
+        wake = self.clock.now + timeout_ms
+        if self.changes and self.changes[0][0] <= wake:
+            at, self.volts = self.changes.pop(0)
+            self.clock.now = max(self.clock.now, at)
+            self.announced = True
+        else:
+            self.clock.now = wake
+        if self.clock.now >= self.end_ms:
+            monitor.stop()
+
+
+VOLTS = {"A": 12.0, "B": 9.0, "C": 6.0, "E": 0.0, "F": -12.0}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(VOLTS)), st.integers(min_value=1, max_value=400)),
+                min_size=1, max_size=25),
+       st.sampled_from([0, 20, 100]))
+def test_edge_driven_monitor_accepts_what_a_sampled_one_accepts(segments, debounce_ms):
+    """Every history of held levels: the same changes at the same times as sampling every ms."""
+    clock = ScriptClock()
+    changes = []
+    at = 5
+    for state, held_ms in segments:
+        changes.append((at, VOLTS[state]))
+        at += held_ms
+    end_ms = at + debounce_ms + 3 * IDLE_LOOK_MS
+    box = []
+    bank = ScriptBank(clock, changes, end_ms, box)
+    config = {"pilot": {"source": "adc", "sample_ms": 20, "debounce_ms": debounce_ms}}
+    recorder = Recorder()
+    monitor = InputMonitor(bank, config, clock, recorder)
+    box.append(monitor)
+    assert monitor.edge_driven
+    asyncio.run(monitor.run())
+
+    # The reference: the level sampled every millisecond through the same debouncer.
+    reference = Debouncer(debounce_ms)
+    expected = []
+    volts = 12.0
+    pending = list(changes)
+    for now in range(0, end_ms):
+        while pending and pending[0][0] <= now:
+            volts = pending.pop(0)[1]
+        if reference.update(volts, now):
+            expected.append((reference.value, now))
+    got = []
+    last = None
+    for state, now in recorder.calls:  # the pilot's changes (other calls are the duty's, contactor's)
+        if state.pilot != last:
+            got.append((VOLTS[state.pilot], now))
+            last = state.pilot
+    assert got == expected
+    # Reads happen at announcements, debounce deadlines and idle looks, never per sample.
+    assert bank.reads <= 1 + 2 * len(changes) + end_ms // IDLE_LOOK_MS + 1
+    # While waiting with nothing announced, the monitor has looked up to the clock's time.
+    assert all(sampled == now for sampled, now in bank.sampled_while_waiting)
+
+
+# -- the sim pin bank announced by the kernel ----------------------------------------------
+
+async def _until(predicate, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return predicate()
+
+
+def test_nothing_is_read_while_the_pin_file_does_not_change(tmp_path):
+    config = io_config(tmp_path)
+    sim = VehicleSim(str(tmp_path / "pins.json"), contactor_delay_s=0)
+    bank = SimPinBank(config)
+    recorder = Recorder()
+    monitor = InputMonitor(bank, config, SystemClock(), recorder)
+    stats = []
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        if path == bank.path:
+            stats.append(path)
+        return real_stat(path, *args, **kwargs)
+
+    async def scenario():
+        task = asyncio.create_task(monitor.run())
+        assert await _until(lambda: len(recorder.calls) == 1)
+        await asyncio.to_thread(sim.plug)
+        await asyncio.to_thread(sim.charge)
+        assert await _until(lambda: monitor.current().contactor_feedback is True)
+        samples, stats_before = monitor.samples, len(stats)
+        began = time.monotonic()
+        while time.monotonic() - began < 1.5:  # a quiet spell: the car charges, nothing changes
+            await asyncio.sleep(0.1)
+        quiet_s = time.monotonic() - began
+        quiet = monitor.samples - samples, len(stats) - stats_before
+        await asyncio.to_thread(sim.pause)
+        assert await _until(lambda: monitor.current().pilot == "B")
+        monitor.stop()
+        await task
+        return quiet, quiet_s
+
+    os.stat = counting_stat
+    try:
+        (samples, stat_calls), quiet_s = asyncio.run(scenario())
+    finally:
+        os.stat = real_stat
+    assert bank.watch_error is None
+    assert stat_calls == 0  # no announcement, no look at the file
+    assert samples <= quiet_s * 1000 / IDLE_LOOK_MS + 1  # at most the idle looks, never per sample
+    pilots = [s.pilot for s, _ in recorder.calls]
+    assert pilots[0] == "A" and pilots[-1] == "B" and "C" in pilots
+
+
+def _start_sim(path, script):
+    return subprocess.Popen([sys.executable, "-m", "evse_tools.vehicle_sim", "--pin-file", str(path),
+                             "--contactor-delay-ms", "0", "--script", script],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_a_simulator_started_later_killed_and_restarted_is_followed(tmp_path):
+    path = tmp_path / "sim" / "pins.json"  # its directory does not exist yet either
+    config = io_config(tmp_path)
+    config["sim_file"] = str(path)
+    bank = SimPinBank(config)
+    recorder = Recorder()
+    monitor = InputMonitor(bank, config, SystemClock(), recorder)
+
+    def pilots():
+        return [state.pilot for state, _ in recorder.calls]
+
+    async def scenario():
+        task = asyncio.create_task(monitor.run())
+        assert await _until(lambda: pilots() == ["A"])  # no simulator: no vehicle
+        first = _start_sim(path, "plug; charge; wait 600")
+        try:
+            assert await _until(lambda: monitor.current().contactor_feedback is True)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        second = _start_sim(path, "plug; wait 600")  # a new car: plugged in, not charging
+        try:
+            assert await _until(lambda: pilots()[-1] == "B" and monitor.current().contactor_feedback is False)
+        finally:
+            second.send_signal(signal.SIGKILL)
+            second.wait()
+        os.remove(path)  # the simulator's file removed: no vehicle again
+        assert await _until(lambda: pilots()[-1] == "A")
+        monitor.stop()
+        await task
+
+    asyncio.run(scenario())
+    assert bank.watch_error is None and bank.errors == 0
+    assert pilots()[0] == "A" and "C" in pilots() and pilots()[-1] == "A"
