@@ -24,6 +24,7 @@ import os
 import struct
 
 from ...pilot import NOMINAL_VOLTS, A, PinSample, lines_from_voltage
+from .gpio import Announcer
 
 
 # inotify(7): the events on the directory that announce a new version of the pin file, and
@@ -76,23 +77,25 @@ class SimPinBank:
         self.sample_ms = io_config["pilot"]["sample_ms"]
         self.errors = 0
         self.last_error = None
-        self.announced = False
         self.watch_error = None  # why the kernel cannot announce changes (then the file is polled)
         self._name = os.fsencode(os.path.basename(self.path))
         self._signature = None
         self._volts = None
         self._sample = PinSample()
         self._set(NOMINAL_VOLTS[A], 100.0, False, False)
-        self._watch_fd = None
-        self._loop = None
-        self._changed = None
+        self._announcer = Announcer(self._drain)
+
+    @property
+    def announced(self):
+        return self._announcer.announced
 
     # -- announcements ------------------------------------------------------------------
 
     def _arm(self):
         """Watch the pin file's directory on the running loop; False when that cannot be."""
+        announcer = self._announcer
         loop = asyncio.get_running_loop()
-        if self._watch_fd is not None and self._loop is loop:
+        if announcer.fd is not None and announcer.loop is loop:
             return True
         self._disarm()
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -103,27 +106,19 @@ class SimPinBank:
             if self.watch_error is None:
                 self.watch_error = str(error)
             return False
-        self._watch_fd = fd
-        self._loop = loop
-        self._changed = asyncio.Event()
-        loop.add_reader(fd, self._on_watch)
-        self.announced = True  # whatever happened before the watch is read now
+        announcer.watch(fd, loop)
+        announcer.announced = True  # whatever happened before the watch is read now
         return True
 
     def _disarm(self):
-        fd = self._watch_fd
-        if fd is None:
-            return
-        self._watch_fd = None
-        try:
-            self._loop.remove_reader(fd)
-        except (RuntimeError, ValueError):  # the loop is closed: nothing is registered any more
-            pass
-        os.close(fd)
+        fd = self._announcer.fd
+        if fd is not None:
+            self._announcer.unwatch()
+            os.close(fd)
 
-    def _on_watch(self):
-        """The kernel's events: announce a new version of the file, or a lost watch."""
-        fd = self._watch_fd
+    def _drain(self):
+        """The kernel's events: True for a new version of the file or a lost watch."""
+        fd = self._announcer.fd
         gone = False
         mine = False
         while True:
@@ -147,23 +142,14 @@ class SimPinBank:
                     mine = True
         if gone:
             self._disarm()  # the next wait re-arms, and the file is read again
-        if gone or mine:
-            self.announced = True
-            self._changed.set()
+        return gone or mine
 
     async def wait_change(self, timeout_ms):
         """Return when the pin file may have changed, or after ``timeout_ms``."""
         if not self._arm():
             await asyncio.sleep(min(timeout_ms, self.sample_ms) / 1000)
             return
-        if self.announced:
-            return
-        changed = self._changed
-        changed.clear()
-        try:
-            await asyncio.wait_for(changed.wait(), timeout_ms / 1000)
-        except asyncio.TimeoutError:
-            pass
+        await self._announcer.wait(timeout_ms)
 
     def _set(self, volts, duty, command, feedback):
         sample = self._sample
@@ -186,10 +172,11 @@ class SimPinBank:
         """The current sample (the same object each time, updated in place); never raises.
 
         While the kernel announces changes, only an announced change costs a ``stat``."""
-        if self._watch_fd is not None:
-            if not self.announced:
+        announcer = self._announcer
+        if announcer.fd is not None:
+            if not announcer.announced:
                 return self._sample
-            self.announced = False
+            announcer.announced = False
         try:
             info = os.stat(self.path)
         except FileNotFoundError:
