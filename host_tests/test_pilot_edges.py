@@ -224,3 +224,67 @@ def test_a_simulator_started_later_killed_and_restarted_is_followed(tmp_path):
     asyncio.run(scenario())
     assert bank.watch_error is None and bank.errors == 0
     assert pilots()[0] == "A" and "C" in pilots() and pilots()[-1] == "A"
+
+
+# -- MicroPython: Pin.irq on the host board's comparator lines ------------------------------
+
+def test_micropython_monitor_waits_on_pin_irqs(tmp_path):
+    """The unix port's bank over comparator lines: changes arrive by Pin.irq, quiet costs nothing."""
+    import threading
+
+    from evse_tools.mpy_agent import micropython_command
+
+    pin_file = tmp_path / "pins.json"
+    stop_file = tmp_path / "stop"
+    sim = VehicleSim(str(pin_file), contactor_delay_s=0)
+    env = dict(os.environ, EVSE_PIN_FILE=str(pin_file),
+               MICROPYPATH=os.pathsep.join([os.path.join(ROOT, "tools", "unix_board"),
+                                            os.path.join(ROOT, "firmware"), ".frozen"]))
+    process = subprocess.Popen(micropython_command() + [os.path.join(ROOT, "host_tests", "mpy_scenarios",
+                                                                     "edge_monitor.py"), str(stop_file)],
+                               env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+
+    def wait_line(text, start=0):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for index in range(start, len(lines)):
+                if lines[index].strip() == text:
+                    return index
+            time.sleep(0.02)
+        raise AssertionError("no %r in %s" % (text, lines[-20:]))
+
+    def samples_after(index):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for line in lines[index:]:
+                if line.startswith("samples"):
+                    _, count, at_ms = line.split()
+                    return int(count), int(at_ms), lines.index(line) + 1
+            time.sleep(0.02)
+        raise AssertionError("no samples line after %d: %s" % (index, lines[-20:]))
+
+    try:
+        assert wait_line("edge_driven True") == 0
+        wait_line("change A False False")
+        sim.plug()
+        sim.charge()
+        charging = wait_line("change C True True")
+        first, first_ms, after = samples_after(charging + 1)
+        last, last_ms = first, first_ms
+        while last_ms - first_ms < 2000:  # a quiet spell of at least 2 s, as the board counts it
+            last, last_ms, after = samples_after(after)
+        assert last - first <= (last_ms - first_ms) / IDLE_LOOK_MS + 1  # idle looks only
+        sim.pause()
+        wait_line("change B False False", charging)
+    finally:
+        stop_file.write_text("stop")
+        try:
+            process.wait(30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0, lines[-20:]
