@@ -4,7 +4,10 @@ A scripted bank on a scripted clock checks the debounce contract against the sam
 reference (a change is accepted once it held ``debounce_ms``, at that moment) for random
 input histories; the real sim pin bank, with the kernel announcing each new pin file, checks
 that nothing is read while nothing changes, and that the vehicle simulator started after
-the monitor, killed and restarted is followed.
+the monitor, killed and restarted is followed. The MicroPython bank runs under the unix port
+on the host board (``Pin.irq`` on its comparator lines). No GPIO chip or gpio-sim module is
+available on the host, so the Linux bank's edge wiring runs against a stand-in line request
+whose descriptor is a pipe.
 """
 
 import asyncio
@@ -288,3 +291,103 @@ def test_micropython_monitor_waits_on_pin_irqs(tmp_path):
             if process.poll() is None:
                 process.kill()
     assert process.returncode == 0, lines[-20:]
+
+
+# -- Linux GPIO: the bank's edge wiring over a stand-in for the gpiod package ----------------
+
+class _StandInRequest:
+    """What GpiodPinBank uses of a gpiod v2 LineRequest; its fd is a pipe the test writes
+    an "edge event" into, as the kernel makes a request's fd readable."""
+
+    def __init__(self, offsets):
+        self.offsets = offsets
+        self.values = {offset: 0 for offset in offsets}
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self.fd, False)
+        self.released = False
+
+    def edge(self, **values):
+        self.values.update({int(k[1:]): v for k, v in values.items()})
+        os.write(self._write_fd, b"e")
+
+    def get_values(self, offsets):
+        return [self.values[offset] for offset in offsets]
+
+    def get_value(self, offset):
+        return self.values[offset]
+
+    def wait_edge_events(self, timeout):
+        """Whether events are queued; this stand-in consumes them here (no payload to read)."""
+        try:
+            return bool(os.read(self.fd, 64))
+        except BlockingIOError:
+            return False
+
+    def read_edge_events(self):
+        return []
+
+    def release(self):
+        self.released = True
+        os.close(self.fd)
+        os.close(self._write_fd)
+
+
+def test_gpio_bank_waits_for_level_line_edges(tmp_path, monkeypatch):
+    """No gpio-sim here: the bank's edge path (lines board) against a stand-in request."""
+    import sys
+    import types
+
+    requests = []
+    gpiod = types.ModuleType("gpiod")
+    line = types.ModuleType("gpiod.line")
+    line.Direction = types.SimpleNamespace(INPUT="input")
+    line.Edge = types.SimpleNamespace(BOTH="both")
+    gpiod.line = line
+    gpiod.LineSettings = lambda **settings: settings
+    gpiod.EdgeEvent = types.SimpleNamespace(Type=types.SimpleNamespace(RISING_EDGE="rising"))
+
+    def request_lines(chip, config, consumer, event_buffer_size):
+        offsets = []
+        for key in config:
+            offsets.extend(key if isinstance(key, tuple) else (key,))
+        requests.append(_StandInRequest(offsets))
+        return requests[-1]
+
+    gpiod.request_lines = request_lines
+    monkeypatch.setitem(sys.modules, "gpiod", gpiod)
+    monkeypatch.setitem(sys.modules, "gpiod.line", line)
+    from evse_agent.ports.cpython.gpio import GpiodPinBank
+
+    board = {"station_id": "test", "meter": {"model": "sdm630", "port": "/dev/null"},
+             "io": {"driver": "gpiod", "chip": "/dev/gpiochip0",
+                    "pilot": {"source": "lines", "lines": [1, 2, 3, 4, 5], "debounce_ms": 60, "sample_ms": 10},
+                    "contactor": {"command_line": 6, "feedback_line": 7}}}
+    config = validate(board)["io"]
+    bank = GpiodPinBank(config)
+    level = requests[0]
+    recorder = Recorder()
+    monitor = InputMonitor(bank, config, SystemClock(), recorder)
+    assert monitor.edge_driven
+
+    async def scenario():
+        task = asyncio.create_task(monitor.run())
+        assert await _until(lambda: [s.pilot for s, _ in recorder.calls] == ["A"])
+        level.edge(l1=1, l2=1)  # the pilot falls to 6 V: two comparators switch (state C)
+        level.edge(l6=1, l7=1)  # the contactor closes
+        assert await _until(lambda: monitor.current().pilot == "C" and monitor.current().contactor_feedback)
+        samples = monitor.samples
+        began = time.monotonic()
+        await asyncio.sleep(1.5)
+        quiet_s = time.monotonic() - began
+        assert monitor.samples - samples <= quiet_s * 1000 / IDLE_LOOK_MS + 1
+        level.edge(l2=0, l6=0, l7=0)
+        assert await _until(lambda: monitor.current().pilot == "B" and not monitor.current().contactor_command)
+        monitor.stop()
+        await task
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        bank.close()
+    assert level.released
+    assert [(s.pilot, s.contactor_command, s.contactor_feedback) for s, _ in recorder.calls][-1] == ("B", False, False)
