@@ -391,3 +391,27 @@ def test_gpio_bank_waits_for_level_line_edges(tmp_path, monkeypatch):
         bank.close()
     assert level.released
     assert [(s.pilot, s.contactor_command, s.contactor_feedback) for s, _ in recorder.calls][-1] == ("B", False, False)
+
+
+def test_without_a_kernel_watch_the_pin_file_is_polled(tmp_path):
+    """A directory that cannot be watched (here: cannot even exist): sampled as before, state A."""
+    config = io_config(tmp_path)
+    config["sim_file"] = "/proc/self/no-such-dir/pins.json"
+    bank = SimPinBank(config)
+    recorder = Recorder()
+    clock = SystemClock()
+    monitor = InputMonitor(bank, config, clock, recorder)
+    looked = []
+
+    async def scenario():
+        task = asyncio.create_task(monitor.run())
+        assert await _until(lambda: monitor.samples >= 30)
+        looked.append((monitor.sampled_ms, monitor._sampled_ms))
+        monitor.stop()
+        await task
+
+    asyncio.run(scenario())
+    assert bank.watch_error is not None and "no-such-dir" in bank.watch_error
+    assert [(s.pilot, s.contactor_command) for s, _ in recorder.calls] == [("A", False)]
+    sampled, last_read = looked[0]
+    assert sampled == last_read  # polled: looked only up to the last read, not up to now

@@ -87,7 +87,8 @@ class SimPinBank:
 
     @property
     def announced(self):
-        return self._announcer.announced
+        """A change not yet read; always True while the kernel is not watching (polled)."""
+        return self._announcer.fd is None or self._announcer.announced
 
     # -- announcements ------------------------------------------------------------------
 
