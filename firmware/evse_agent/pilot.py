@@ -5,9 +5,14 @@ a ``PinSample`` (the raw physical sample; the bank may reuse one object). The CP
 has ``ports.cpython.sim_pins.SimPinBank`` (the vehicle simulator's pin file) and
 ``ports.cpython.gpio.GpiodPinBank`` (Linux GPIO + IIO ADC).
 
-``InputMonitor`` samples the bank every ``io.pilot.sample_ms``, decodes the pilot (voltage or
-comparator lines, as ``io.pilot.source`` says), debounces everything, and tells its listener
-``on_inputs(state, now_ms)`` once per accepted change.
+``InputMonitor`` reads the bank, decodes the pilot (voltage or comparator lines, as
+``io.pilot.source`` says), debounces everything, and tells its listener
+``on_inputs(state, now_ms)`` once per accepted change. A bank that can *announce* changes
+has an ``async wait_change(timeout_ms)`` that returns once the inputs may have changed (an
+edge on a level line, a new pin file) or when ``timeout_ms`` passed: the monitor then reads
+only at an announcement, at a debounce deadline after one, and once every ``IDLE_LOOK_MS``
+(for what the bank does not announce, e.g. a PWM duty). A bank without it is sampled every
+``io.pilot.sample_ms``.
 
 Pilot levels are the positive (high) level of the pilot: the board's ADC channel or
 comparators must see the PWM's high level (a peak-hold or synchronised sampling front end).
@@ -50,6 +55,8 @@ LINE_THRESHOLDS_V = (10.5, 7.5, 4.5, 1.5, -10.5)
 DIGITAL = "digital"  # current_from_duty: 3-7 % duty, the current is negotiated digitally (ISO 15118)
 
 DUTY_TOLERANCE_PCT = 0.5  # measured duty jitter up to this is not a change
+
+IDLE_LOOK_MS = 1000  # an announcing bank is still read this often while nothing is announced
 
 
 def state_from_voltage(volts):
@@ -281,13 +288,35 @@ class InputMonitor:
         self._duty = Debouncer(debounce_ms, DUTY_TOLERANCE_PCT)
         self._command = Debouncer(debounce_ms)
         self._feedback = Debouncer(debounce_ms)
+        self._debouncers = (self._pilot, self._duty, self._command, self._feedback)
         self._state = InputState()
         self._stopping = False
+        self._waiting = False  # waiting on the bank's announcement with no debounce running
         self.samples = 0
         self.ambiguous = 0
         self.read_errors = 0
         self.changes = 0
-        self.sampled_ms = None  # when the last sample was taken (and, once another task runs, decided)
+        self._sampled_ms = None
+
+    @property
+    def edge_driven(self):
+        """True when the bank announces changes (the monitor waits instead of sampling)."""
+        return getattr(self.pins, "wait_change", None) is not None
+
+    @property
+    def sampled_ms(self):
+        """The time up to which the monitor has looked at the inputs (None before the first read).
+
+        While it waits on an announcing bank with no debounce running, no announcement
+        means no change: that is the clock's time, unless an announcement is still unread.
+        """
+        if self._waiting and not getattr(self.pins, "announced", False):
+            return self.clock.monotonic_ms()
+        return self._sampled_ms
+
+    @sampled_ms.setter
+    def sampled_ms(self, value):
+        self._sampled_ms = value
 
     def current(self):
         """The last accepted inputs (a copy)."""
@@ -297,8 +326,22 @@ class InputMonitor:
         """Ask ``run()`` to return after the current sample."""
         self._stopping = True
 
+    def debounce_due_ms(self):
+        """When a running debounce can accept its value; None when none is running."""
+        due = None
+        for debouncer in self._debouncers:
+            if debouncer._candidate is not None:
+                at = debouncer._candidate_ms + debouncer.debounce_ms
+                if due is None or at < due:
+                    due = at
+        return due
+
     async def run(self):
-        """Sample every ``sample_ms`` until ``stop()``; missed slots are skipped, not bursted."""
+        """Read the inputs until ``stop()``: at each announcement of an announcing bank, else
+        every ``sample_ms`` (missed slots are skipped, not bursted)."""
+        if self.edge_driven:
+            await self._run_on_edges()
+            return
         clock = self.clock
         next_ms = clock.monotonic_ms()
         while not self._stopping:
@@ -311,10 +354,24 @@ class InputMonitor:
                 next_ms = now + self.sample_ms
             self.poll(now)
 
+    async def _run_on_edges(self):
+        clock = self.clock
+        wait_change = self.pins.wait_change
+        try:
+            while not self._stopping:
+                now = clock.monotonic_ms()
+                self.poll(now)
+                due = self.debounce_due_ms()
+                self._waiting = due is None
+                await wait_change(IDLE_LOOK_MS if due is None else max(due - now, 1))
+                self._waiting = False
+        finally:
+            self._waiting = False
+
     def poll(self, now_ms):
         """Take one sample at ``now_ms``; True when it produced an accepted change."""
         self.samples += 1
-        self.sampled_ms = now_ms
+        self._sampled_ms = now_ms
         try:
             sample = self.pins.read()
         except Exception as error:  # a broken bank must not stop the monitor

@@ -1,25 +1,30 @@
-"""CPU and memory figures for ``make bench``: the agent against a hand-written loop.
+"""CPU and memory figures for ``make bench``: the agent against a hand-written loop, a car charging.
 
-All run as their own processes for the same wall-clock window, side by side, each against
-its own simulated meter paced at 9600 baud and the same mosquitto, polling at 1 Hz:
+Both run as their own processes for the same wall-clock window, side by side, each against
+its own simulated meter paced at 9600 baud and the same mosquitto, polling at 1 Hz. Each
+meter simulator follows its own vehicle simulator's pin file, and that car is charging
+(state C, contactor closed, power flowing) through the whole window:
 
-- the agent: ``evse-agent`` on ``boards/sim.json`` (meter, pilot and contactor sampled every
-  20 ms, sessions, events, journal, aggregates, telemetry; no console);
-- the agent with its pilot sampled once a second: what the poll path itself costs;
+- the agent: ``evse-agent`` on ``boards/sim.json`` at its shipped settings (inputs as the
+  board has them, sessions, events, journal, aggregates, telemetry; no console), with the
+  session the plug-in opened still open over the window (its start record is awaited);
 - the baseline: ``tools/bench/handwritten_loop.py`` (pymodbus read loop + paho publish).
 
 CPU is user + system time of the whole process (every thread) from ``/proc/<pid>/stat``
 over the window after a warm-up, scaled to 1,000 poll cycles; memory is the resident set
-(``VmRSS``) at the end and its peak (``VmHWM``).
+(``VmRSS``) at the end and its peak (``VmHWM``). ``python -m evse_tools.bench_cpu`` prints
+the figures and the ratios (goals: CPU <= 1.3x, resident memory <= 1.15x).
 """
 
+import json
 import os
 import subprocess
 import sys
 import time
 
-from .latency import ROOT, agent_command
+from .latency import ROOT, Arrivals, agent_command
 from ..sim.meter_sim import MeterSimulator
+from ..sim.vehicle_sim import VehicleSim
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -47,25 +52,32 @@ def _baseline_command(device, broker, duration_s):
             "--broker-port", str(broker.port), "--duration", str(duration_s)]
 
 
-# The runs measured side by side: the agent as the sim board has it; the agent with its
-# pilot sampled once a second (what the poll path alone costs); the hand-written loop.
-RUNS = (("agent", ()), ("agent_pilot_1hz", ("io.pilot.sample_ms=1000",)), ("handwritten", None))
+# The runs measured side by side: the agent as the sim board ships; the hand-written loop.
+RUNS = (("agent", ()), ("handwritten", None))
 
 
 def cpu_figures(broker, workdir, window_s=60.0, warmup_s=5.0):
-    """CPU seconds per 1,000 poll cycles at 1 Hz and RSS of the agent and of the baseline."""
+    """CPU seconds per 1,000 poll cycles at 1 Hz and RSS of the agent and of the baseline,
+    each with a car charging (state C, contactor closed) over the window."""
     os.makedirs(workdir, exist_ok=True)
-    sims = [MeterSimulator("sdm630", baudrate=9600) for _ in RUNS]
+    pin_files = [os.path.join(workdir, name, "pins.json") for name, _ in RUNS]
+    cars = [VehicleSim(path, contactor_delay_s=0) for path in pin_files]
+    sims = [MeterSimulator("sdm630", baudrate=9600, pin_file=path) for path in pin_files]
     devices = [sim.start() for sim in sims]
-    duration = warmup_s + window_s + 5.0
+    duration = warmup_s + window_s + 120.0  # both are stopped once measured
+    sink = Arrivals(broker, "evse/sim-001/session", 1, client_id="bench-cpu")
     processes = {}
-    for (name, overrides), device in zip(RUNS, devices):
-        if overrides is None:
-            command = _baseline_command(device, broker, duration)
-        else:
-            command = agent_command(device, broker, os.path.join(workdir, name), overrides, duration)
-        processes[name] = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+        for car in cars:
+            car.plug()
+            car.charge()
+        for (name, overrides), device in zip(RUNS, devices):
+            if overrides is None:
+                command = _baseline_command(device, broker, duration)
+            else:
+                command = agent_command(device, broker, os.path.join(workdir, name), overrides, duration)
+            processes[name] = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        sink.wait_for(lambda topic, doc: doc.get("event") == "start", 0, timeout_s=60)
         time.sleep(warmup_s)
         first = {name: cpu_seconds(p.pid) for name, p in processes.items()}
         polls_before = [sim.requests_seen for sim in sims]
@@ -73,18 +85,25 @@ def cpu_figures(broker, workdir, window_s=60.0, warmup_s=5.0):
         used = {name: cpu_seconds(p.pid) - first[name] for name, p in processes.items()}
         memory = {name: memory_kib(p.pid) for name, p in processes.items()}
         requests = [sim.requests_seen - before for sim, before in zip(sims, polls_before)]
+        ended = [doc for _, doc in _session_docs(sink) if doc.get("event") == "end"]
+        if ended:
+            raise RuntimeError("the session ended inside the measured window: %s" % ended[0])
         for name, process in processes.items():
-            _, stderr = process.communicate(timeout=duration + 30)
-            if process.returncode != 0:
+            if process.poll() is None:
+                process.terminate()
+            _, stderr = process.communicate(timeout=60)
+            if process.returncode not in (0, -15):
                 raise RuntimeError("%s exited with %s: %s" % (name, process.returncode, stderr.decode()[-800:]))
     finally:
         for process in processes.values():
             if process.poll() is None:
                 process.kill()
+        sink.close()
         for sim in sims:
             sim.stop()
     cycles = window_s  # 1 Hz
-    result = {"window_s": window_s, "cycles": int(cycles), "clock_tick_s": 1.0 / TICKS}
+    result = {"window_s": window_s, "cycles": int(cycles), "clock_tick_s": 1.0 / TICKS,
+              "car": "state C, contactor closed, %.0f A x 3 phases, session open" % cars[0].ev_current_a}
     for index, (name, _) in enumerate(RUNS):
         rss, peak = memory[name]
         result[name] = {"cpu_s": round(used[name], 3), "cpu_s_per_1000_cycles": round(used[name] / cycles * 1000, 2),
@@ -93,3 +112,38 @@ def cpu_figures(broker, workdir, window_s=60.0, warmup_s=5.0):
             result[name]["cpu_ratio"] = round(used[name] / used["handwritten"], 3) if used["handwritten"] else None
             result[name]["rss_ratio"] = round(rss / memory["handwritten"][0], 3)
     return result
+
+
+def _session_docs(sink):
+    docs = []
+    for message in list(sink.messages):
+        try:
+            docs.append((message[0], json.loads(message[3])))
+        except ValueError:
+            pass
+    return docs
+
+
+def main(argv=None):
+    import argparse
+    import tempfile
+
+    from .broker import Mosquitto
+
+    parser = argparse.ArgumentParser(prog="bench-cpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--window", type=float, default=60.0, help="measured seconds (default 60)")
+    args = parser.parse_args(argv)
+    with Mosquitto() as broker:
+        figures = cpu_figures(broker, tempfile.mkdtemp(prefix="evse-bench-cpu-"), args.window)
+    base = figures["handwritten"]
+    agent = figures["agent"]
+    print(json.dumps(figures, indent=2))
+    print("CPU s per 1000 polls: agent %.2f, hand-written %.2f, ratio %.2f (goal <= 1.3)"
+          % (agent["cpu_s_per_1000_cycles"], base["cpu_s_per_1000_cycles"], agent["cpu_ratio"]))
+    print("resident memory: agent %d KiB, hand-written %d KiB, ratio %.2f (goal <= 1.15)"
+          % (agent["rss_kib"], base["rss_kib"], agent["rss_ratio"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,11 @@ the files it goes through in the environment:
   (board: ``adc_scale`` 8, ``adc_offset`` -12); GPIO 35 the pilot PWM, whose edges reach
   ``Pin.irq`` handlers as a real 1 kHz period every 20 ms (timed by ``ticks_us``, so the
   port's edge-timing duty meter measures it); GPIO 25 / 26 the contactor command and
-  feedback. Other pins are plain outputs (the RS-485 DE pin).
+  feedback; GPIO 12, 13, 14, 15, 27 a pilot decoder's 5 comparator outputs (high while the
+  pilot is below 10.5, 7.5, 4.5, 1.5, -10.5 V). ``Pin.irq`` on these level pins fires on
+  each edge when the pin file changes (a task of the board looks at the file every
+  ``PWM_EVERY_MS``, as the hardware's comparators would switch). Other pins are plain
+  outputs (the RS-485 DE pin).
 - ``WDT``: every ``feed()`` rewrites ``EVSE_WDT_FILE`` with the timeout; the harness kills
   the process when a feed is later than the timeout, as the hardware watchdog would.
 - ``reset()``: the process kills itself with SIGKILL (no clean-up runs, as on a board).
@@ -30,6 +34,7 @@ PILOT_ADC = 34
 PILOT_PWM = 35
 CONTACTOR_COMMAND = 25
 CONTACTOR_FEEDBACK = 26
+COMPARATORS = {12: 10.5, 13: 7.5, 14: 4.5, 15: 1.5, 27: -10.5}  # pin: high below these volts
 PWM_PERIOD_US = 1000
 PWM_EVERY_MS = 20
 _VMIN = 6
@@ -41,6 +46,8 @@ _BAUD = {9600: termios.B9600, 57600: termios.B57600, 115200: termios.B115200}
 
 _pins = {"pilot_v": 12.0, "duty_pct": 100.0, "contactor_command": False, "contactor_feedback": False}
 _signature = None
+_level_irqs = []  # [pin, handler, last level] of the level pins with an irq
+_level_task = []
 
 
 def _pin_file():
@@ -87,6 +94,8 @@ class Pin:
             return 1 if pins["contactor_command"] else 0
         if self.number == CONTACTOR_FEEDBACK:
             return 1 if pins["contactor_feedback"] else 0
+        if self.number in COMPARATORS:
+            return 1 if pins["pilot_v"] < COMPARATORS[self.number] else 0
         if self.number == PILOT_PWM:
             duty = pins["duty_pct"]
             if duty >= 100:
@@ -100,6 +109,11 @@ class Pin:
     def irq(self, handler=None, trigger=3):
         if self.number == PILOT_PWM and handler is not None and self._pwm_task is None:
             self._pwm_task = asyncio.create_task(self._pwm(handler))
+        elif handler is not None and (self.number in COMPARATORS or self.number in (CONTACTOR_COMMAND,
+                                                                                     CONTACTOR_FEEDBACK)):
+            _level_irqs.append([self, handler, self.value()])
+            if not _level_task:
+                _level_task.append(asyncio.create_task(_watch_levels()))
 
     async def _pwm(self, handler):
         """One PWM period (rise, fall, rise) at the pin file's duty every ``PWM_EVERY_MS``."""
@@ -120,6 +134,17 @@ class Pin:
                 pass
             self._level = 1
             handler(self)
+
+
+async def _watch_levels():
+    """The hardware side of the level pins' irqs: an edge when the pin file moved a level."""
+    while True:
+        await asyncio.sleep_ms(PWM_EVERY_MS)
+        for entry in _level_irqs:
+            level = entry[0].value()
+            if level != entry[2]:
+                entry[2] = level
+                entry[1](entry[0])
 
 
 class ADC:

@@ -9,6 +9,12 @@ All lines are inputs on ``io.chip``, requested once with edge detection on both 
 These level lines get a kernel debounce period of one ``sample_ms``: a glitch shorter
 than a sample period never reaches a sample, and ``InputMonitor`` then debounces the
 values for ``debounce_ms``. (A kernel debounce of ``debounce_ms`` would double the delay.)
+With comparator lines (source "lines") every input is a level line, so the bank announces
+changes: ``wait_change`` waits on the level request's file descriptor (readable when the
+kernel queued an edge event) on the asyncio loop, and the monitor reads nothing while no
+edge comes. The PWM line has a request of its own, so its 1 kHz edges wake nothing: its
+duty is measured whenever the bank is read (at an edge, a debounce deadline, or the
+monitor's idle look, ``pilot.IDLE_LOOK_MS``).
 
 - ``io.pilot.pwm_line``: the pilot PWM as a logic level (high while the pilot is
   positive), no kernel debounce (1 kHz edges). The duty is measured from the edges'
@@ -25,6 +31,7 @@ read gives None (ambiguous) and counts in ``errors``.
 this port (and an ADC-only board needs no gpiod at all).
 """
 
+import asyncio
 import os
 import time
 from datetime import timedelta
@@ -35,6 +42,55 @@ from ...pilot import PinSample, duty_from_edges
 PWM_STALE_NS = 100 * 1000000  # no edge for this long: the pilot is not oscillating
 PWM_PERIODS = 8
 EVENT_BUFFER = 256  # kernel edge event buffer; 1 kHz PWM gives ~40 edges per 20 ms sample
+
+
+class Announcer:
+    """``wait_change`` over a file descriptor that becomes readable when the inputs change.
+
+    ``drain()`` reads what is pending on the descriptor and returns True when it announces a
+    change. ``announced`` stays True until the bank's ``read`` clears it. Used by the GPIO
+    bank (edge events of a line request) and the sim bank (inotify on the pin file).
+    """
+
+    def __init__(self, drain):
+        self.drain = drain
+        self.announced = False
+        self.fd = None
+        self.loop = None
+        self._changed = None
+
+    def watch(self, fd, loop):
+        self.unwatch()
+        self.fd = fd
+        self.loop = loop
+        self._changed = asyncio.Event()
+        loop.add_reader(fd, self._readable)
+
+    def unwatch(self):
+        """Stop watching (the descriptor stays open: its owner closes it)."""
+        if self.fd is None:
+            return
+        try:
+            self.loop.remove_reader(self.fd)
+        except (RuntimeError, ValueError):  # the loop is closed: nothing is registered any more
+            pass
+        self.fd = None
+
+    def _readable(self):
+        if self.drain():
+            self.announced = True
+            self._changed.set()
+
+    async def wait(self, timeout_ms):
+        """Return at the next announcement (at once if one is unread) or after ``timeout_ms``."""
+        if self.announced:
+            return
+        changed = self._changed
+        changed.clear()
+        try:
+            await asyncio.wait_for(changed.wait(), timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            pass
 
 
 def _import_gpiod():
@@ -65,8 +121,10 @@ class GpiodPinBank:
         self._edges = []
         self._sample = PinSample()
         self._adc_fd = None
-        self._request = None
+        self._request = None  # the level lines (pilot comparators, contactor)
+        self._pwm_request = None
         self._rising = None
+        self._announcer = Announcer(self._drain_level_events)
         if not self.use_lines:
             self.adc_path = pilot["adc_path"]
             try:
@@ -75,17 +133,23 @@ class GpiodPinBank:
                 raise OSError("cannot open the pilot ADC (io.pilot.adc_path) %s: %s"
                               % (self.adc_path, error)) from error
         try:
-            self._request = self._request_lines(pilot["sample_ms"], contactor["active_low"])
+            self._request_lines(pilot["sample_ms"], contactor["active_low"])
         except BaseException:
             self.close()
             raise
+        # Every input announces itself only on a comparator board (an ADC must be sampled).
+        self.wait_change = self._wait_change if self.use_lines else None
+
+    @property
+    def announced(self):
+        return self._announcer.announced
 
     def _request_lines(self, sample_ms, active_low):
         offsets = list(self._level_offsets)
         if self.pwm_line is not None:
             offsets.append(self.pwm_line)
         if not offsets:
-            return None
+            return
         gpiod = _import_gpiod()
         from gpiod.line import Direction, Edge
 
@@ -100,14 +164,35 @@ class GpiodPinBank:
                 config[offset] = gpiod.LineSettings(
                     direction=Direction.INPUT, edge_detection=Edge.BOTH, debounce_period=glitch,
                     active_low=active_low)
-        if self.pwm_line is not None:
-            config[self.pwm_line] = gpiod.LineSettings(direction=Direction.INPUT, edge_detection=Edge.BOTH)
         try:
-            return gpiod.request_lines(self.chip, config=config, consumer="evse-agent",
-                                       event_buffer_size=EVENT_BUFFER)
+            if config:
+                self._request = gpiod.request_lines(self.chip, config=config, consumer="evse-agent",
+                                                    event_buffer_size=EVENT_BUFFER)
+            if self.pwm_line is not None:
+                self._pwm_request = gpiod.request_lines(
+                    self.chip, consumer="evse-agent-pwm", event_buffer_size=EVENT_BUFFER,
+                    config={self.pwm_line: gpiod.LineSettings(direction=Direction.INPUT, edge_detection=Edge.BOTH)})
         except (OSError, ValueError) as error:
             raise OSError("cannot request GPIO lines %s on %s: %s"
                           % (", ".join(str(o) for o in offsets), self.chip, error)) from error
+
+    async def _wait_change(self, timeout_ms):
+        """Return at the next edge on a level line, or after ``timeout_ms``."""
+        announcer = self._announcer
+        loop = asyncio.get_running_loop()
+        if announcer.fd is None or announcer.loop is not loop:
+            announcer.watch(self._request.fd, loop)
+            announcer.announced = True  # an edge before the watch is read now
+        await announcer.wait(timeout_ms)
+
+    def _drain_level_events(self):
+        """Read the level lines' queued edge events (the values are read by ``read``)."""
+        request = self._request
+        for _ in range(4):  # bounded: a chattering line must not hold up the loop
+            if not request.wait_edge_events(0):
+                break
+            request.read_edge_events()
+        return True
 
     def read(self):
         """The current sample (the same object each time, updated in place).
@@ -117,6 +202,10 @@ class GpiodPinBank:
         """
         sample = self._sample
         request = self._request
+        announcer = self._announcer
+        announcer.announced = False
+        if request is not None and announcer.fd is None:
+            self._drain_level_events()  # sampled, not waited on: keep the kernel queue empty
         values = request.get_values(self._level_offsets) if self._level_offsets else ()
         index = 0
         if self.use_lines:
@@ -130,7 +219,7 @@ class GpiodPinBank:
             index += 1
         if self.feedback_line is not None:
             sample.contactor_feedback = bool(values[index])
-        if request is not None:
+        if self._pwm_request is not None:
             self._drain_events()
         if self.pwm_line is not None:
             sample.duty_pct = self._duty(time.monotonic_ns())
@@ -147,17 +236,15 @@ class GpiodPinBank:
         return raw * self.adc_scale + self.adc_offset
 
     def _drain_events(self):
-        """Read pending edge events (all lines have edge detection); keep the PWM line's."""
-        request = self._request
+        """Read the PWM line's pending edge events (the kernel keeps the newest)."""
+        request = self._pwm_request
         edges = self._edges
-        pwm_line = self.pwm_line
         rising = self._rising
         for _ in range(4):  # bounded: a chattering line must not hold up the sample
             if not request.wait_edge_events(0):
                 break
             for event in request.read_edge_events():
-                if event.line_offset == pwm_line:
-                    edges.append((event.timestamp_ns, event.event_type == rising))
+                edges.append((event.timestamp_ns, event.event_type == rising))
         if len(edges) > 2 * PWM_PERIODS + 1:
             del edges[:-(2 * PWM_PERIODS + 1)]
 
@@ -166,12 +253,15 @@ class GpiodPinBank:
         if edges and now_ns - edges[-1][0] < PWM_STALE_NS:
             return duty_from_edges(edges, PWM_PERIODS)
         del edges[:]  # a later burst must not be measured against these
-        return 100.0 if self._request.get_value(self.pwm_line) else 0.0
+        return 100.0 if self._pwm_request.get_value(self.pwm_line) else 0.0
 
     def close(self):
-        if self._request is not None:
-            self._request.release()
-            self._request = None
+        self._announcer.unwatch()
+        for name in ("_request", "_pwm_request"):
+            request = getattr(self, name)
+            if request is not None:
+                request.release()
+                setattr(self, name, None)
         if self._adc_fd is not None:
             os.close(self._adc_fd)
             self._adc_fd = None

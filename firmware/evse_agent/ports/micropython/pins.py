@@ -12,10 +12,15 @@
   handled late (soft IRQ latency, a garbage collection) spoils one period, not the
   reading. No edge for 100 ms: the pilot is steady, 100 % while high, 0 % while low.
 - Contactor command / feedback: GPIO inputs, ``io.contactor.active_low`` applied.
+- With comparator lines every input is a level line, so the bank announces changes: a
+  ``Pin.irq`` on both edges of each level line sets a flag (``asyncio.ThreadSafeFlag``, no
+  allocation in the handler) that ``wait_change`` awaits, and the input monitor reads
+  nothing while no edge comes. An ADC pilot cannot announce: that bank is sampled.
 
 GPIO numbers are the ESP32's (the board file's "line offsets" are GPIO numbers here).
 """
 
+import asyncio
 import time
 from array import array
 
@@ -110,9 +115,32 @@ class MachinePinBank:
         self.command = Pin(contactor["command_line"], Pin.IN) if contactor["command_line"] is not None else None
         self.feedback = Pin(contactor["feedback_line"], Pin.IN) if contactor["feedback_line"] is not None else None
         self.sample = PinSample()
+        self.announced = False
+        self.wait_change = None
+        if self.use_lines:
+            self._flag = asyncio.ThreadSafeFlag()
+            handler = self._edge  # one bound method for every line, made once
+            for pin in self.lines + [self.command, self.feedback]:
+                if pin is not None:
+                    pin.irq(handler, Pin.IRQ_RISING | Pin.IRQ_FALLING)
+            self.wait_change = self._wait_change
+
+    def _edge(self, pin):
+        self.announced = True
+        self._flag.set()
+
+    async def _wait_change(self, timeout_ms):
+        """Return at the next edge on a level line, or after ``timeout_ms``."""
+        if self.announced:
+            return
+        try:
+            await asyncio.wait_for_ms(self._flag.wait(), timeout_ms)
+        except asyncio.TimeoutError:
+            pass
 
     def read(self):
         sample = self.sample
+        self.announced = False
         if self.use_lines:
             lines = self.lines
             sample.pilot_lines = (bool(lines[0].value()), bool(lines[1].value()), bool(lines[2].value()),
