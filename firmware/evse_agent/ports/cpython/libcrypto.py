@@ -109,8 +109,8 @@ def _errors():
 
 
 def _check(ok, what):
-    """Raise OpenSSLError naming ``what`` unless ``ok`` (a result that is 1 or non-NULL)."""
-    if not ok or (isinstance(ok, int) and ok is not True and ok < 0):
+    """``ok`` (a true test, a non-NULL pointer or a positive length); else OpenSSLError naming ``what``."""
+    if not ok or (ok is not True and ok < 0):
         raise OpenSSLError("%s failed: %s" % (what, _errors()))
     return ok
 
