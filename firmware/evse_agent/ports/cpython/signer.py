@@ -3,7 +3,8 @@
 Created on first start (mode 0600, written atomically) and reused afterwards, so the
 public key handed to operators and verifiers stays the same for the station's life.
 The key lives in OpenSSL's libcrypto (``libcrypto.py``): constant-time P-256, and already
-mapped by Python, so the agent does not load the ``cryptography`` package (7.8 MB resident).
+mapped by Python, so the agent does not load the ``cryptography`` package (10.9 MB
+resident, see ``libcrypto.py``).
 """
 
 import os
