@@ -26,15 +26,15 @@ class OpenSSLError(ValueError):
 
 def _library_path():
     """The path of the libcrypto this process already maps, or the soname to load."""
-    import _hashlib  # noqa: F401  (links libcrypto; importing it maps the library)
     try:
+        import _hashlib  # noqa: F401  (links libcrypto; importing it maps the library)
         with open("/proc/self/maps") as maps:
             for line in maps:
                 path = line.rstrip("\n").split(None, 5)[-1]
                 name = path.rsplit("/", 1)[-1]
                 if name.startswith("libcrypto.so"):
                     return path
-    except OSError:
+    except (ImportError, OSError):
         pass
     return "libcrypto.so.3"
 
