@@ -12,7 +12,7 @@ meter simulator follows its own vehicle simulator's pin file, and that car is ch
 
 CPU is user + system time of the whole process (every thread) from ``/proc/<pid>/stat``
 over the window after a warm-up, scaled to 1,000 poll cycles; memory is the resident set
-(``VmRSS``) at the end and its peak (``VmHWM``). ``python -m evse_tools.bench_cpu`` prints
+(``VmRSS``) at the end and its peak (``VmHWM``). ``python -m evse_tools.bench.cpu`` prints
 the figures and the ratios (goals: CPU <= 1.3x, resident memory <= 1.15x).
 """
 
@@ -128,7 +128,7 @@ def main(argv=None):
     import argparse
     import tempfile
 
-    from .broker import Mosquitto
+    from ..testkit.broker import Mosquitto
 
     parser = argparse.ArgumentParser(prog="bench-cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=float, default=60.0, help="measured seconds (default 60)")

@@ -2,13 +2,14 @@
 
 Created on first start (mode 0600, written atomically) and reused afterwards, so the
 public key handed to operators and verifiers stays the same for the station's life.
+The key lives in OpenSSL's libcrypto (``libcrypto.py``): constant-time P-256, and already
+mapped by Python, so the agent does not load the ``cryptography`` package (10.9 MB
+resident, see ``libcrypto.py``).
 """
 
 import os
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from .libcrypto import Key, OpenSSLError
 
 KEY_MODE = 0o600
 
@@ -45,14 +46,13 @@ class FileKeySigner:
                 "signing key %s has mode %04o: others may read it. It must be 0600 "
                 "(chmod 600 %s) — and if it was exposed, replace it" % (path, mode, path))
         try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+            key = Key.from_pem(data)
+        except OpenSSLError as error:
             raise KeyFileError("signing key %s is not an unencrypted PEM private key: %s"
                                % (path, error)) from error
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-            kind = key.curve.name if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
+        if not key.is_p256():
             raise KeyFileError("signing key %s is %s, OCMF signing here needs a P-256 "
-                               "(secp256r1) key" % (path, kind))
+                               "(secp256r1) key" % (path, key.kind()))
         return key
 
     @staticmethod
@@ -60,9 +60,8 @@ class FileKeySigner:
         """A new P-256 key, written to ``path`` (PKCS8 PEM, mode 0600) all or nothing."""
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        key = Key.generate_p256()
+        pem = key.private_pem()
         temp = "%s.tmp-%d" % (path, os.getpid())
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_MODE)
         try:
@@ -84,20 +83,15 @@ class FileKeySigner:
 
     def sign(self, data):
         """DER-encoded ECDSA signature of ``data`` (bytes), hashed with SHA-256."""
-        return self._key.sign(bytes(data), ec.ECDSA(hashes.SHA256()))
+        return self._key.sign_sha256(data)
 
     def verify(self, data, signature):
         """True if ``signature`` (DER) is this key's signature of ``data``."""
-        try:
-            self._key.public_key().verify(bytes(signature), bytes(data), ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
-            return False
-        return True
+        return self._key.verify_sha256(data, signature)
 
     def public_key_der(self):
         """The public key as DER SubjectPublicKeyInfo bytes."""
-        return self._key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return self._key.public_der()
 
     def public_key_hex(self):
         """Upper-case hex of the DER SubjectPublicKeyInfo, the form OCMF verifiers take."""
@@ -105,5 +99,4 @@ class FileKeySigner:
 
     def public_key_pem(self):
         """The public key as PEM text (``-----BEGIN PUBLIC KEY-----``)."""
-        return self._key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        return self._key.public_pem().decode()
