@@ -174,9 +174,9 @@ def char_time_us(baudrate):
     return 11000000 // baudrate
 
 
-# Reading a frame: sleep through the bytes still on the wire, waking this much before the
-# last one is due (timers overshoot by up to a millisecond); shorter sleeps are not worth it.
-WAKE_MARGIN_US = 1500
+# Reading a frame: sleep through the bytes still on the wire and wake once, when the last one
+# is due (a timer never fires early), to read the rest in one go; shorter sleeps are not
+# worth a wake-up.
 MIN_SLEEP_US = 1000
 
 
@@ -270,9 +270,9 @@ class RtuMaster:
             self._last_activity_ms = self.clock.monotonic_ms()
 
     async def _await_wire(self, pending):
-        """Sleep while ``pending`` more bytes of a frame travel the wire (less a margin), so
-        the rest is read in one go rather than with a wake-up per byte."""
-        wait_us = pending * self.char_us - (self.char_us if self.char_us > WAKE_MARGIN_US else WAKE_MARGIN_US)
+        """Sleep while ``pending`` more bytes of a frame travel the wire, so the rest is read
+        in one go rather than with a wake-up per byte (or per early wake-up)."""
+        wait_us = pending * self.char_us
         if wait_us >= MIN_SLEEP_US:
             await asyncio.sleep(wait_us / 1000000)
 
