@@ -45,6 +45,7 @@ package(
         "registers.py",
         "session.py",
         "store.py",
+        "wakeup.py",
         "ports/__init__.py",
         "ports/p256.py",
         "ports/micropython/__init__.py",
