@@ -10,7 +10,10 @@ The stream is an object with:
 - ``write(data)`` — send bytes (small frames; may block for their wire time);
 - ``await read(max_bytes, timeout_ms)`` — bytes that arrived within ``timeout_ms``
   (at least one byte, or ``b""`` on timeout);
-- ``reset_input()`` — drop bytes not yet read.
+- ``reset_input()`` — drop bytes not yet read;
+- optionally ``await read_whole(count, timeout_ms)`` — up to ``count`` bytes, waking once
+  when all have arrived or the time ran out (the CPython port's terminal does this); without
+  it the master sleeps through the answer's wire time plus the meter's learned turnaround.
 """
 
 import asyncio
@@ -245,8 +248,22 @@ class RtuMaster:
         try:
             # No whole answer can be here before the request and the answer crossed the
             # wire: sleep through that (an exception answer, shorter, waits a little longer).
-            await self._await_wire(len(request) + 5 + 2 * count, self.turnaround_us)
             late = False
+            read_whole = getattr(stream, "read_whole", None)
+            if read_whole is not None:
+                # The port wakes once, when the whole answer is in (or the response time
+                # plus the answer's wire time ran out: a short exception answer waits that).
+                answer_ms = ((5 + 2 * count) * self.char_us + 999) // 1000
+                frame.extend(await read_whole(5 + 2 * count, deadline + answer_ms - self.clock.monotonic_ms()))
+                late = True  # nothing to learn: the port timed the wake-up
+                if len(frame) >= 3:
+                    expected = self._length_from_header(frame, unit, function, count)
+                    if not expected:
+                        await self._drain()
+                        raise ModbusFrameError("response header %s does not answer unit %d function %d"
+                                               " for %d registers" % (_hex(frame[:3]), unit, function, count))
+            else:
+                await self._await_wire(len(request) + 5 + 2 * count, self.turnaround_us)
             while len(frame) < expected:
                 if frame:
                     chunk = await stream.read(expected - len(frame), 0)  # what has arrived
