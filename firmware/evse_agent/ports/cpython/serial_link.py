@@ -1,9 +1,7 @@
 """RS-485 serial line for the Modbus master, on pyserial, read through the asyncio loop.
 
 The port is opened non-blocking and its file descriptor watched by the event loop, so
-waiting for a meter's answer never blocks the other tasks (console, MQTT). ``read_whole``
-has the terminal announce the port readable only once a whole answer is in (VMIN), so a
-Modbus answer costs one wake-up however its bytes trickle in.
+waiting for a meter's answer never blocks the other tasks (console, MQTT).
 
 A missing or vanished device (a USB adapter unplugged, a pty whose other side closed) is
 not fatal: the stream closes its descriptor and every transaction fails with
@@ -53,7 +51,6 @@ class SerialStream:
         except (serial.SerialException, OSError, termios.error, ValueError) as error:
             self._fail("cannot open %s %s: %s" % (self.role, self.port, error))
         self._fd = self._serial.fileno()
-        self._vmin = 0  # pyserial opens with VMIN 0, VTIME 0 for a zero timeout
         self.opened += 1
         self.last_error = None
 
@@ -81,7 +78,7 @@ class SerialStream:
         except (serial.SerialException, OSError, termios.error) as error:
             self._fail("%s %s: %s" % (self.role, self.port, error))
 
-    async def read(self, max_bytes, timeout_ms, any_byte=True):
+    async def read(self, max_bytes, timeout_ms):
         """Up to ``max_bytes`` bytes; waits at most ``timeout_ms`` for the first (b"" if none).
 
         Reads the non-blocking descriptor directly and waits on the event loop's reader
@@ -99,8 +96,6 @@ class SerialStream:
             if not readable.done():
                 readable.set_result(None)
 
-        if any_byte:
-            self._wake_at(1)
         fd = self._fd
         loop.add_reader(fd, wake)
         timer = loop.call_later(timeout_ms / 1000, wake)
@@ -112,36 +107,6 @@ class SerialStream:
         if self._serial is None:
             return b""
         return self._read_now(max_bytes)
-
-    async def read_whole(self, count, timeout_ms):
-        """Up to ``count`` bytes, waking once: when all ``count`` have arrived or when
-        ``timeout_ms`` passed (then what has arrived, maybe b"").
-
-        The terminal's line discipline tells the event loop the port is readable only once
-        ``count`` bytes are in (termios VMIN with VTIME 0 sets poll's threshold on Linux);
-        the descriptor stays non-blocking, so reads never wait.
-        """
-        self._ready()
-        data = self._read_now(count)
-        if len(data) >= count or timeout_ms <= 0:
-            return data
-        self._wake_at(count - len(data))
-        rest = await self.read(count - len(data), timeout_ms, False)
-        return data + rest if data else rest
-
-    def _wake_at(self, count):
-        """Make the descriptor readable from ``count`` bytes on (VMIN; at most 255)."""
-        count = min(count, 255) if count > 1 else 0  # VMIN 0 and 1 both mean one byte here
-        if count == self._vmin or self._vmin is None:
-            return
-        try:
-            attrs = termios.tcgetattr(self._fd)
-            attrs[6][termios.VMIN] = count
-            attrs[6][termios.VTIME] = 0
-            termios.tcsetattr(self._fd, termios.TCSANOW, attrs)
-            self._vmin = count
-        except termios.error:
-            self._vmin = None  # not a terminal (or it refused): readable from one byte as before
 
     def _read_now(self, max_bytes):
         try:
