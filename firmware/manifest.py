@@ -47,6 +47,7 @@ package(
         "session.py",
         "station.py",
         "store.py",
+        "wakeup.py",
         "ports/__init__.py",
         "ports/micropython/__init__.py",
         "ports/micropython/clock.py",

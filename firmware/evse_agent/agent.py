@@ -10,7 +10,7 @@ One asyncio task per concern (STYLE: micropython-async):
 - the forwarder replays the journal to the broker, paced by acknowledgements;
 - the technician console (``console``, if the board has one) serves its serial line;
 - Home Assistant discovery (``discovery``, if ``homeassistant.enabled``) publishes the
-  station's entity configs after each connect (``ha_discovery``).
+  station's entity configs after each connect (``ha_discovery``), poked by each poll cycle.
 
 Everything leaves through the outbox: session records, events and telemetry aggregates
 are journaled first; live telemetry and state go out at once. ``on_reading`` lets the
@@ -34,6 +34,7 @@ from .journal import AGGREGATE, EVENT, SESSION
 from .messages import Topics, iso_utc, meter_status_doc, telemetry_doc
 from .pilot import InputMonitor
 from .session import SessionEngine
+from .wakeup import Wakeup
 
 # The supervisor sleeps until the power monitor's next contactor check is due or the inputs
 # change; with nothing due it still looks in at this interval.
@@ -85,8 +86,8 @@ class Agent:
         self._last_telemetry_ms = None
         self._retained_for = None  # publisher.connects when the retained messages last went out
         self._stopping = False
-        self._wake = asyncio.Event()
-        self._supervise = asyncio.Event()  # inputs or thresholds changed: recompute deadlines
+        self._wake = Wakeup()
+        self._supervise = Wakeup()  # inputs or thresholds changed: recompute deadlines
         model = meter.model
         identity = {
             "gateway_vendor": config["signing"]["gateway_vendor"],
@@ -284,20 +285,13 @@ class Agent:
             self.monitor.tick(now)
             due = self.monitor.next_check_ms()
             wait_ms = SUPERVISOR_IDLE_MS if due is None else min(SUPERVISOR_IDLE_MS, max(due - now, 1))
-            try:
-                await asyncio.wait_for(self._supervise.wait(), wait_ms / 1000)
-            except asyncio.TimeoutError:
-                pass
+            await self._supervise.wait(wait_ms)
 
     async def _sleep_until(self, due_ms):
         """Sleep until ``due_ms`` or until woken by ``request_reading``."""
         remaining = due_ms - self.clock.monotonic_ms()
-        if remaining <= 0:
-            return
-        try:
-            await asyncio.wait_for(self._wake.wait(), remaining / 1000)
-        except asyncio.TimeoutError:
-            pass
+        if remaining > 0:
+            await self._wake.wait(remaining)
 
     async def _poll_loop(self, duration_s):
         clock = self.clock
@@ -320,6 +314,8 @@ class Agent:
                     next_poll = now + self._poll_ms
             reading = await self.meter.read()
             self.cycles += 1
+            if self.discovery is not None:
+                self.discovery.poke()
             link = self.meter.link
             connects = getattr(self.outbox.publisher, "connects", None)
             if link.transitions != reported_transitions or now >= next_status or connects != self._retained_for:

@@ -13,10 +13,10 @@ The publisher is the port's (``publish`` -> token or None, ``drain_acked``; cont
 PUBACK and connection change, and the outbox calls it on every append.
 """
 
-import asyncio
 
 from . import log
 from .journal import AGGREGATE, EVENT, SESSION, SUMMARY
+from .wakeup import Wakeup
 
 
 # With nothing due, the forwarder still looks in this often (a missed wake-up costs no more).
@@ -37,7 +37,7 @@ class Forwarder:
         self._by_token = {}
         self.sent_up_to = journal.acked  # highest seq handed to the publisher
         self.published = 0
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._stopping = False
         self._generation = journal.generation
 
@@ -64,10 +64,7 @@ class Forwarder:
             journal.tick(now)
             due = journal.next_due_ms()
             wait_ms = IDLE_MS if due is None else min(IDLE_MS, max(due - now, 1))
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait_ms / 1000)
-            except asyncio.TimeoutError:
-                pass
+            await self._wake.wait(wait_ms)
 
     def pump(self):
         """Collect acknowledgements, then fill the window with the next records."""

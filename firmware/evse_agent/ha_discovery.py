@@ -24,20 +24,22 @@ Energy goes out in kWh (``energy_wh / 1000``: exact, the register is integer Wh)
 
 ``Discovery`` keeps the configs on the broker: it publishes them (retained, QoS 1) after every
 connect of the publisher and again when Home Assistant's birth message says ``online``, so they
-come back after a broker lost its retained messages. The publisher offers ``publish``,
+come back after a broker lost its retained messages. The agent's poll loop calls ``poke`` every
+cycle, which wakes ``run`` only when the configs are due (within a poll interval of a connect
+or a birth message); unpoked, ``run`` looks every ``CHECK_INTERVAL_S``. The publisher offers ``publish``,
 ``connected``, ``connects`` (a count of connections made) and, where the port can subscribe,
 ``subscribe(topic, on_message)``.
 """
 
-import asyncio
 import json
 
 from . import log
+from .wakeup import Wakeup
 
 ONLINE = "online"
 OFFLINE = "offline"
 PILOT_STATES = ("A", "B", "C", "D", "E", "F")  # IEC 61851-1
-CHECK_INTERVAL_S = 0.5  # how often ``Discovery.run`` looks for a new connection
+CHECK_INTERVAL_S = 5.0  # how often ``Discovery.run`` looks for a new connection unpoked
 
 _KWH = "{{ none if value_json.%s is none else value_json.%s / 1000 }}"
 _CONTACTOR = ("{% set closed = value_json.contactor_feedback if value_json.contactor_feedback is not none"
@@ -142,6 +144,7 @@ class Discovery:
         self.announced_for = 0  # publisher.connects when the configs last went out whole
         self.announcements = 0
         self._requested = False
+        self._wakeup = Wakeup()
         birth_topic = config["homeassistant"]["birth_topic"]
         if birth_topic is not None and hasattr(publisher, "subscribe"):
             publisher.subscribe(birth_topic, self.on_birth)
@@ -161,6 +164,11 @@ class Discovery:
         publisher = self.publisher
         return publisher.connected and (publisher.connects != self.announced_for or self._requested)
 
+    def poke(self):
+        """Wake ``run`` if the configs are due (cheap: called every poll cycle)."""
+        if self.due():
+            self._wakeup.set()
+
     def announce(self):
         """Publish every config now; True when the publisher took them all."""
         connects = self.publisher.connects
@@ -178,6 +186,7 @@ class Discovery:
 
     async def run(self):
         while True:
+            self._wakeup.clear()
             if self.due():
                 self.announce()
-            await asyncio.sleep(CHECK_INTERVAL_S)
+            await self._wakeup.wait(CHECK_INTERVAL_S * 1000)

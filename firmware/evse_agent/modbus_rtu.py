@@ -170,9 +170,9 @@ def char_time_us(baudrate):
     return 11000000 // baudrate
 
 
-# Reading a frame: sleep through the bytes still on the wire, waking this much before the
-# last one is due (timers overshoot by up to a millisecond); shorter sleeps are not worth it.
-WAKE_MARGIN_US = 1500
+# Reading a frame: sleep through the bytes still on the wire and wake once, when the last one
+# is due (a timer never fires early), to read the rest in one go; shorter sleeps are not
+# worth a wake-up.
 MIN_SLEEP_US = 1000
 
 
@@ -197,6 +197,9 @@ class RtuMaster:
         self.retries = retries
         self.gap_ms = gap_ms
         self.stats = MasterStats()
+        # Learned: how much later than their wire time the meter's answers end (its turnaround),
+        # so the master wakes once per answer; nudged down while answers are complete on waking.
+        self.turnaround_us = 0
         self._last_activity_ms = clock.monotonic_ms() - self.silence_ms
         self._lock = asyncio.Lock()
 
@@ -248,18 +251,22 @@ class RtuMaster:
         try:
             # No whole answer can be here before the request and the answer crossed the
             # wire: sleep through that (an exception answer, shorter, waits a little longer).
-            await self._await_wire(len(request) + 5 + 2 * count)
+            await self._await_wire(len(request) + 5 + 2 * count, self.turnaround_us)
+            late = False
             while len(frame) < expected:
                 if frame:
                     chunk = await stream.read(expected - len(frame), 0)  # what has arrived
                     if not chunk:
+                        if not late:
+                            late = True
+                            self._learn_turnaround(True)
                         await self._await_wire(expected - len(frame))
                         chunk = await stream.read(expected - len(frame), self.gap_ms)
                 else:
                     remaining = deadline - self.clock.monotonic_ms()
-                    if remaining <= 0:
-                        raise ModbusTimeout("no response within %d ms" % self.timeout_ms)
-                    chunk = await stream.read(expected - len(frame), remaining)
+                    # Past the deadline, what has arrived still counts (a long answer's
+                    # wire time can outlast the response timeout).
+                    chunk = await stream.read(expected - len(frame), remaining if remaining > 0 else 0)
                 if not chunk:
                     if not frame:
                         raise ModbusTimeout("no response within %d ms" % self.timeout_ms)
@@ -271,14 +278,26 @@ class RtuMaster:
                         await self._drain()
                         raise ModbusFrameError("response header %s does not answer unit %d function %d"
                                                " for %d registers" % (_hex(frame[:3]), unit, function, count))
+            if not late:
+                self._learn_turnaround(False)
             return check_read_response(frame, unit, function, count)
         finally:
             self._last_activity_ms = self.clock.monotonic_ms()
 
-    async def _await_wire(self, pending):
-        """Sleep while ``pending`` more bytes of a frame travel the wire (less a margin), so
-        the rest is read in one go rather than with a wake-up per byte."""
-        wait_us = pending * self.char_us - (self.char_us if self.char_us > WAKE_MARGIN_US else WAKE_MARGIN_US)
+    def _learn_turnaround(self, short):
+        """An answer was incomplete on waking (``short``) or complete: move the learned
+        turnaround up by one character, or down by an eighth of one to keep probing (one
+        late answer, e.g. the machine was busy, cannot make every later wake-up late)."""
+        if short:
+            limit = self.timeout_ms * 500  # never more than half the response timeout
+            self.turnaround_us = min(self.turnaround_us + self.char_us, limit)
+        elif self.turnaround_us:
+            self.turnaround_us = max(self.turnaround_us - self.char_us // 8, 0)
+
+    async def _await_wire(self, pending, extra_us=0):
+        """Sleep while ``pending`` more bytes of a frame travel the wire (and ``extra_us``), so
+        the rest is read in one go rather than with a wake-up per byte (or per early wake-up)."""
+        wait_us = pending * self.char_us + extra_us
         if wait_us >= MIN_SLEEP_US:
             await asyncio.sleep(wait_us / 1000000)
 

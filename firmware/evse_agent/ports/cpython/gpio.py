@@ -38,6 +38,7 @@ from datetime import timedelta
 
 from ...config import ConfigError
 from ...pilot import PinSample, duty_from_edges
+from ...wakeup import Wakeup
 
 PWM_STALE_NS = 100 * 1000000  # no edge for this long: the pilot is not oscillating
 PWM_PERIODS = 8
@@ -63,7 +64,7 @@ class Announcer:
         self.unwatch()
         self.fd = fd
         self.loop = loop
-        self._changed = asyncio.Event()
+        self._changed = Wakeup()
         loop.add_reader(fd, self._readable)
 
     def unwatch(self):
@@ -87,10 +88,7 @@ class Announcer:
             return
         changed = self._changed
         changed.clear()
-        try:
-            await asyncio.wait_for(changed.wait(), timeout_ms / 1000)
-        except asyncio.TimeoutError:
-            pass
+        await changed.wait(timeout_ms)
 
 
 def _import_gpiod():

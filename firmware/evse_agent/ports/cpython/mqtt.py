@@ -157,6 +157,9 @@ class MqttPublisher:
                     # QoS 0 sends land here too; forget old ones before mids wrap around.
                     for old in [m for m, t in self._early.items() if now - t > 30]:
                         del self._early[old]
+                # No wake-up: a QoS 0 send acknowledges nothing, and an early PUBACK is
+                # matched by ``publish`` itself, which the forwarder's pump collects after.
+                return
         self._signal()
 
     def _signal(self):
