@@ -179,6 +179,7 @@ class _FrameCounter:
         self.frames = 0
         self.bytes = 0
         self.ends = []  # perf_counter when each frame's last byte passed
+        self.addresses = {}  # requests: (function, first address) -> frames
 
     def feed(self, data, when):
         self.bytes += len(data)
@@ -193,6 +194,9 @@ class _FrameCounter:
                 size = RESPONSE_OVERHEAD_BYTES + self.buffer[2]
             if len(self.buffer) < size:
                 return
+            if not self.responses:
+                key = (function, struct.unpack(">H", self.buffer[2:4])[0])
+                self.addresses[key] = self.addresses.get(key, 0) + 1
             self.buffer = self.buffer[size:]
             self.frames += 1
             self.ends.append(when)
@@ -223,6 +227,12 @@ class CountingRelay:
         """(request frames, response frames, bytes both ways) so far."""
         with self._lock:
             return self.requests.frames, self.responses.frames, self.requests.bytes + self.responses.bytes
+
+    def reads_of(self, function, address):
+        """Request frames so far that read from ``address`` on: once per poll for a map's
+        first register, whatever the program's plan."""
+        with self._lock:
+            return self.requests.addresses.get((function, address), 0)
 
     def response_ends(self):
         with self._lock:
