@@ -13,8 +13,14 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
   turnaround as a bare client with the bench's own framing measures it; the same under the MicroPython unix port (``tools/unix_board/poll_cycle.py``: the host
   board's ``machine.UART`` and the port's ``UartStream``), against the same wire time and
   the CPython median of the run;
-- pilot change -> session message and telemetry sample -> subscriber, p50/p99, on a real
-  mosquitto, against the round trip of a bare paho publish -> subscribe (``bench_latency``);
+- pilot change -> session message p50/p99 on a real mosquitto, beside the round trip of a
+  bare paho publish -> subscribe as a reference (no other program does that job;
+  ``bench_latency``);
+- side by side for one window with a car charging and its session open (``bench_bridge``):
+  the agent at shipped settings, the hand-written loop and modbus2mqtt (installed on
+  demand into ``.venv-bridge``; "not installed" and why when it cannot be), each behind
+  its own frame-counting relay: CPU s per 1,000 polls, resident memory, requests and
+  bytes per poll, and last response byte in -> subscriber p50/p99, against the loop;
 - journal: durable append rate, session-record-sized records fsync'ed before ``append``
   returns, against plain ``os.write``/``os.fsync`` of the same bytes; replay after a
   simulated 1-hour and 24-hour outage (fast clock), against raw paho QoS 1 publishing of
@@ -64,6 +70,7 @@ from evse_agent.reading import Reading
 
 from evse_agent import log
 
+from .bench_bridge import side_by_side, side_by_side_rows
 from .bench_cpu import cpu_figures
 from .bench_latency import latency_figures
 from .bench_monitoring import monitoring_figures, monitoring_rows
@@ -369,12 +376,31 @@ def _cpython_sign_ms(count=20):
     return {"p256_sign_ms": round(pure, 2), "cryptography_sign_ms": round(fast, 3)}
 
 
+def machine_class():
+    """What the figures were measured on: CPU model, cores, memory, Python, kernel."""
+    model = memory_kib = None
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+        with open("/proc/meminfo") as handle:
+            memory_kib = int(next(line for line in handle if line.startswith("MemTotal")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {"cpu_model": model, "cpus": os.cpu_count(),
+            "memory_gib": None if memory_kib is None else round(memory_kib / 1048576, 1),
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
 def _row(figure, measured, baseline="", ratio=None):
     return "%-58s %18s %18s %8s" % (figure, measured, baseline, "" if ratio is None else "%.3f" % ratio)
 
 
 def _table(results):
-    lines = [_row("figure", "measured", "baseline") + "   ratio"]
+    machine, run = results["machine"], results.get("run", {})
+    lines = ["machine: %s, %s cores, %s GiB, Python %s; run started %s%s"
+             % (machine.get("cpu_model"), machine.get("cpus"), machine.get("memory_gib"), machine.get("python"),
+                run.get("started_utc"), " (--quick)" if run.get("quick") else ""),
+             _row("figure", "measured", "baseline") + "   ratio"]
     for plan in results["modbus_requests"]:
         lines.append(_row("%s requests / bytes per poll cycle, naive reader" % plan["model"],
                           "%g / %g B" % (plan["requests"], plan["bytes"]),
@@ -405,14 +431,12 @@ def _table(results):
         for label, key in (("debounce off, sample 5 ms", "debounce_off"), ("sim board: debounce 100 ms", "board_defaults")):
             pilot = latency[key]["pilot_to_session"]
             lines.append(_row("pilot -> session message p50 (%s)" % label, "%.2f ms" % pilot["p50_ms"],
-                              "paho rtt %.2f ms" % rtt1["p50_ms"], pilot["p50_ms"] / rtt1["p50_ms"]))
+                              "ref: paho rtt %.2f" % rtt1["p50_ms"], pilot["p50_ms"] / rtt1["p50_ms"]))
             lines.append(_row("pilot -> session message p99 (%s)" % label, "%.2f ms" % pilot["p99_ms"],
-                              "paho rtt %.2f ms" % rtt1["p99_ms"], pilot["p99_ms"] / rtt1["p99_ms"]))
-        telemetry = latency["debounce_off"]["telemetry_to_subscriber"]
-        lines.append(_row("telemetry sample -> subscriber p50", "%.2f ms" % telemetry["p50_ms"],
-                          "paho rtt %.2f ms" % rtt0["p50_ms"], telemetry["p50_ms"] / rtt0["p50_ms"]))
-        lines.append(_row("telemetry sample -> subscriber p99", "%.2f ms" % telemetry["p99_ms"],
-                          "paho rtt %.2f ms" % rtt0["p99_ms"], telemetry["p99_ms"] / rtt0["p99_ms"]))
+                              "ref: paho rtt %.2f" % rtt1["p99_ms"], pilot["p99_ms"] / rtt1["p99_ms"]))
+    side = results.get("side_by_side")
+    if side:
+        lines.extend(side_by_side_rows(side, _row))
     append = results["durable_append"]
     lines.append(_row("journal durable append (%d B records)" % append["record_bytes"],
                       "%.1f/s" % append["journal_per_s"], "%.1f/s" % append["raw_fsync_per_s"], append["ratio"]))
@@ -492,8 +516,8 @@ def main(argv=None):
     fleet_sizes = (10, 100) if args.quick else (10, 100, 500)
     workdir = tempfile.mkdtemp(prefix="evse-bench-")
     try:
-        results = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                               "cpus": os.cpu_count()},
+        results = {"machine": machine_class(), "run": {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                       "quick": args.quick},
                    "poll_cycle": cycle_time_figures(),
                    "durable_append": bench_durable_append(workdir)}
         results["modbus_requests"] = request_figures(results["poll_cycle"])
@@ -504,6 +528,7 @@ def main(argv=None):
         with Mosquitto() as broker:
             results["latency"] = latency_figures(broker, workdir, plugs=50 if args.quick else 150)
             results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
+            results["side_by_side"] = side_by_side(broker, os.path.join(workdir, "side"), window_s=cpu_window)
             results["cpu"] = cpu_figures(broker, os.path.join(workdir, "cpu"), window_s=cpu_window)
             results["monitoring"] = monitoring_figures(broker, workdir, quick=args.quick)
             results["micropython_mqtt"] = bench_micropython_mqtt(broker, 500 if args.quick else 2000)

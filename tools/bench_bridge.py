@@ -10,7 +10,7 @@ and polling once a second (the shipped setting):
 - the hand-written loop (``tools/handwritten_loop.py``, pymodbus + paho);
 - modbus2mqtt 0.73 (PyPI; spicierModbus2mqtt), installed on demand into ``.venv-bridge``
   and configured with one poller per run of adjacent SDM630 registers at a 1 s rate, every
-  value a ``float32BE`` reference, ``--always-publish`` so each poll publishes. When it
+  value a float reference with the high word first, ``--always-publish`` so each poll publishes. When it
   cannot be installed (no registry), its rows say so and why; the rest still runs.
 
 Per program: CPU seconds per 1,000 polls (user + system from ``/proc``), resident memory
@@ -77,7 +77,9 @@ def bridge_config(model, rate_s=1.0, unit=1):
         table = "input_register" if function == 4 else "holding_register"
         lines.append("poll,%s,%d,%d,%d,%s,%g" % (model.name, unit, address, count, table, rate_s))
         for reg in registers:
-            lines.append("ref,%s,%d,r,float32BE," % (reg.name, reg.address))
+            # modbus2mqtt's "float32LE" takes the first register as the high word: the
+            # SDM630's order ("float32BE" would swap the words and read nonsense)
+            lines.append("ref,%s,%d,r,float32LE," % (reg.name, reg.address))
     return "\n".join(lines) + "\n"
 
 
