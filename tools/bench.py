@@ -401,7 +401,7 @@ def _table(results):
              % (machine.get("cpu_model"), machine.get("cpus"), machine.get("memory_gib"), machine.get("python"),
                 run.get("started_utc"), " (--quick)" if run.get("quick") else ""),
              _row("figure", "measured", "baseline") + "   ratio"]
-    for plan in results["modbus_requests"]:
+    for plan in results.get("modbus_requests") or ():
         lines.append(_row("%s requests / bytes per poll cycle, naive reader" % plan["model"],
                           "%g / %g B" % (plan["requests"], plan["bytes"]),
                           "%g / %g B" % (plan["naive_requests"], plan["naive_bytes"]),
@@ -409,7 +409,7 @@ def _table(results):
         lines.append(_row("  against the bytes the map needs (minimal reads)", "",
                           "%d / %d B" % (plan["minimal_requests"], plan["minimal_bytes"]),
                           plan["bytes"] / plan["minimal_bytes"]))
-    for cycle in results["poll_cycle"]:
+    for cycle in results.get("poll_cycle") or ():
         lines.append(_row("%s poll cycle at %d baud (median), pymodbus" % (cycle["model"], cycle["baudrate"]),
                           "%.1f ms" % cycle["cycle_ms_median"], "%.1f ms" % cycle["pymodbus_ms_median"],
                           cycle["ratio_to_pymodbus"]))
@@ -437,10 +437,11 @@ def _table(results):
     side = results.get("side_by_side")
     if side:
         lines.extend(side_by_side_rows(side, _row))
-    append = results["durable_append"]
-    lines.append(_row("journal durable append (%d B records)" % append["record_bytes"],
-                      "%.1f/s" % append["journal_per_s"], "%.1f/s" % append["raw_fsync_per_s"], append["ratio"]))
-    for replay in results["replay"]:
+    append = results.get("durable_append")
+    if append:
+        lines.append(_row("journal durable append (%d B records)" % append["record_bytes"],
+                          "%.1f/s" % append["journal_per_s"], "%.1f/s" % append["raw_fsync_per_s"], append["ratio"]))
+    for replay in results.get("replay") or ():
         lines.append(_row("replay after %gh outage (%d records)" % (replay["outage_hours"], replay["records"]),
                           "%.1f/s" % replay["replay_per_s"], "%.1f/s" % replay["raw_paho_qos1_per_s"],
                           replay["ratio"]))
@@ -455,10 +456,11 @@ def _table(results):
                           "%d KiB" % base["rss_kib"], cpu["agent"]["rss_ratio"]))
     if results.get("monitoring"):
         lines.extend(monitoring_rows(results["monitoring"], _row))
-    wear = results["flash_wear"]
-    lines.append(_row("journal data written per hour", "%d B" % wear["data_bytes_per_h"]))
-    lines.append(_row("fsyncs per hour", "%d" % wear["fsyncs_per_h"]))
-    lines.append(_row("flash bytes per hour (estimate)", "%d B" % wear["flash_bytes_per_h_estimate"]))
+    wear = results.get("flash_wear")
+    if wear:
+        lines.append(_row("journal data written per hour", "%d B" % wear["data_bytes_per_h"]))
+        lines.append(_row("fsyncs per hour", "%d" % wear["fsyncs_per_h"]))
+        lines.append(_row("flash bytes per hour (estimate)", "%d B" % wear["flash_bytes_per_h_estimate"]))
     unix = results.get("micropython_unix") or {}
     if "session" in unix:
         goal = "%d words (ESP32 without PSRAM)" % unix["goal_words"]
@@ -505,37 +507,58 @@ def _table(results):
     return "\n".join(lines)
 
 
+SECTIONS = ("poll", "journal", "latency", "side", "cpu", "monitoring", "mqtt", "micropython", "fleet")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="evse-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=RESULTS)
     parser.add_argument("--quick", action="store_true",
                         help="shorter windows and a fleet of 10 and 100 only (rougher figures)")
+    parser.add_argument("--only", metavar="SECTIONS",
+                        help="comma-separated sections to run (default: all): " + ", ".join(SECTIONS))
     args = parser.parse_args(argv)
     log.set_sink(lambda level, text: None, log.ERROR)
     cpu_window = 20.0 if args.quick else 60.0
     fleet_sizes = (10, 100) if args.quick else (10, 100, 500)
+    wanted = set(args.only.split(",")) if args.only else set(SECTIONS)
+    unknown = wanted - set(SECTIONS)
+    if unknown:
+        parser.error("unknown section(s) %s (known: %s)" % (", ".join(sorted(unknown)), ", ".join(SECTIONS)))
     workdir = tempfile.mkdtemp(prefix="evse-bench-")
+    results = {"machine": machine_class(), "run": {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                   "quick": args.quick, "sections": [s for s in SECTIONS if s in wanted]}}
     try:
-        results = {"machine": machine_class(), "run": {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                                       "quick": args.quick},
-                   "poll_cycle": cycle_time_figures(),
-                   "durable_append": bench_durable_append(workdir)}
-        results["modbus_requests"] = request_figures(results["poll_cycle"])
-        try:
-            results["poll_cycle_micropython"] = micropython_cycle_figures(results["poll_cycle"])
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            results["poll_cycle_micropython"] = [{"error": str(error)}]
-        with Mosquitto() as broker:
-            results["latency"] = latency_figures(broker, workdir, plugs=50 if args.quick else 150)
-            results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
-            results["side_by_side"] = side_by_side(broker, os.path.join(workdir, "side"), window_s=cpu_window)
-            results["cpu"] = cpu_figures(broker, os.path.join(workdir, "cpu"), window_s=cpu_window)
-            results["monitoring"] = monitoring_figures(broker, workdir, quick=args.quick)
-            results["micropython_mqtt"] = bench_micropython_mqtt(broker, 500 if args.quick else 2000)
-        results["flash_wear"] = bench_flash_wear(workdir)
-        results["micropython"] = bench_micropython(workdir)
-        results["micropython_unix"] = bench_micropython_unix(workdir, args.quick)
-        results["fleet"] = run_fleets(fleet_sizes, 20.0, workdir)
+        if "poll" in wanted:
+            results["poll_cycle"] = cycle_time_figures()
+            results["modbus_requests"] = request_figures(results["poll_cycle"])
+            try:
+                results["poll_cycle_micropython"] = micropython_cycle_figures(results["poll_cycle"])
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                results["poll_cycle_micropython"] = [{"error": str(error)}]
+        if "journal" in wanted:
+            results["durable_append"] = bench_durable_append(workdir)
+        if wanted & {"latency", "journal", "side", "cpu", "monitoring", "mqtt"}:
+            with Mosquitto() as broker:
+                if "latency" in wanted:
+                    results["latency"] = latency_figures(broker, workdir, plugs=50 if args.quick else 150)
+                if "journal" in wanted:
+                    results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
+                if "side" in wanted:
+                    results["side_by_side"] = side_by_side(broker, os.path.join(workdir, "side"), window_s=cpu_window)
+                if "cpu" in wanted:
+                    results["cpu"] = cpu_figures(broker, os.path.join(workdir, "cpu"), window_s=cpu_window)
+                if "monitoring" in wanted:
+                    results["monitoring"] = monitoring_figures(broker, workdir, quick=args.quick)
+                if "mqtt" in wanted:
+                    results["micropython_mqtt"] = bench_micropython_mqtt(broker, 500 if args.quick else 2000)
+        if "journal" in wanted:
+            results["flash_wear"] = bench_flash_wear(workdir)
+        if "micropython" in wanted:
+            results["micropython"] = bench_micropython(workdir)
+            results["micropython_unix"] = bench_micropython_unix(workdir, args.quick)
+        if "fleet" in wanted:
+            results["fleet"] = run_fleets(fleet_sizes, 20.0, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(_table(results))
