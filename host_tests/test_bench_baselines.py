@@ -39,15 +39,14 @@ def register_maps(draw, most=8):
 
 
 def _valid(model, function, address, count):
-    covered = [reg for reg in bench_wire.measured(model)
-               if reg.function == function and address <= reg.address and reg.end <= address + count]
-    if count > model.max_registers or not covered:
+    """Within the read limit, and every address a register's or in an answered range."""
+    if count > model.max_registers:
         return False
-    words = set()
-    for reg in covered:
-        words.update(range(reg.address, reg.end))
-    return len(words) == count or any(fn == function and lo <= address and address + count - 1 <= hi
-                                      for fn, lo, hi in model.answered)
+    for word in range(address, address + count):
+        if not any(reg.function == function and reg.address <= word < reg.end for reg in model.registers) \
+                and not any(fn == function and lo <= word <= hi for fn, lo, hi in model.answered):
+            return False
+    return True
 
 
 def _brute_force_bytes(model):

@@ -4,7 +4,8 @@ The baselines of ``make bench`` must not be computed by the code they judge, so 
 here imports ``evse_agent.registers``' planner or ``evse_agent.modbus_rtu``:
 
 - ``minimal_reads``: the fewest line bytes that fetch every value a meter map lists, from
-  the map's register list and limits alone (largest read, answered ranges) and the RTU
+  the map's register list and limits alone (largest read; a read may cross only addresses
+  of its registers or of the ranges the meter answers) and the RTU
   frame layout (request 8 bytes; response: unit, function, byte count, 2 bytes a register,
   CRC), found by exhaustive dynamic programming over the address-ordered registers;
 - ``contiguous_runs``: one read per maximal run of adjacent registers (what a reader
@@ -57,8 +58,12 @@ def measured(model):
                   key=lambda reg: (reg.function, reg.address))
 
 
-def _inside_answered(model, function, low, high):
-    return any(fn == function and lo <= low and high <= hi for fn, lo, hi in model.answered)
+def _answers(model, function, low, high):
+    """True when the meter answers every address from ``low`` to ``high``: each lies in a
+    register of the map or in a range the map says the meter answers."""
+    spans = [(reg.address, reg.address + reg.count - 1) for reg in model.registers if reg.function == function]
+    spans += [(lo, hi) for fn, lo, hi in model.answered if fn == function]
+    return all(any(lo <= address <= hi for lo, hi in spans) for address in range(low, high + 1))
 
 
 def minimal_reads(model):
@@ -75,10 +80,7 @@ def minimal_reads(model):
             span = last.address + last.count - head.address
             if span > model.max_registers:
                 break
-            adjacent = all(registers[k + 1].address <= registers[k].address + registers[k].count
-                           for k in range(first, end - 1))
-            if not adjacent and not _inside_answered(model, head.function, head.address,
-                                                     head.address + span - 1):
+            if not _answers(model, head.function, head.address, head.address + span - 1):
                 continue
             cost, requests, reads = best[first]
             candidate = (cost + read_bytes(span), requests + 1, reads + [(head.function, head.address, span)])
