@@ -221,7 +221,7 @@ def side_by_side_rows(figures, row):
     for name, label in (("agent", "agent"), ("bridge", "modbus2mqtt")):
         measured = figures.get(name)
         if not measured or "error" in measured:
-            lines.append(row("%s: %s" % (label, (measured or {}).get("error", "not run"))[:58], ""))
+            lines.append("%s, side by side: %s" % (label, (measured or {}).get("error", "not run")))
             continue
         lines.append(row("%s, charging: CPU s per 1000 polls at 1 Hz" % label,
                          "%.2f s" % measured["cpu_s_per_1000_polls"],
