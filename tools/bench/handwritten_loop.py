@@ -1,9 +1,10 @@
 """The baseline ``make bench`` holds the agent against: a meter-to-MQTT loop written by hand.
 
 What a user would write without the agent: pymodbus's serial client reads the meter's
-measurement registers (one request per contiguous run, as a reader without a planner
-would), decodes them, and paho-mqtt publishes one JSON message per poll. No sessions,
-journal, signing, events or inputs. Run as its own process so its CPU and memory can be
+measurement registers (one request per run of adjacent registers, as a reader without a
+planner would; the runs come from ``bench_wire``, not the agent's planner), decodes them,
+and paho-mqtt publishes one JSON message per poll. No sessions, journal, signing, events
+or inputs. Run as its own process so its CPU and memory can be
 measured: ``python -m evse_tools.bench.handwritten_loop --port DEV --broker-port N``.
 """
 
@@ -15,7 +16,8 @@ import paho.mqtt.client as paho
 from pymodbus.client import ModbusSerialClient
 
 from evse_agent.meter_models import model_named
-from evse_agent.registers import plan_requests
+
+from .wire import contiguous_runs
 
 
 def main(argv=None):
@@ -30,8 +32,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     model = model_named(args.model)
-    registers = [reg for reg in model.registers if reg.name != "serial"]
-    runs = plan_requests(registers, model.max_registers, ())  # contiguous runs, no bridging
+    runs = contiguous_runs(model)  # one read per run of adjacent registers, no bridging
 
     meter = ModbusSerialClient(args.port, baudrate=args.baudrate, timeout=0.3, retries=1)
     meter.connect()
@@ -45,12 +46,13 @@ def main(argv=None):
     while time.monotonic() - started < args.duration:
         values = {}
         try:
-            for run in runs:
-                response = meter.read_input_registers(run.address, count=run.count, device_id=1)
+            for function, address, count, registers in runs:
+                read = meter.read_input_registers if function == 4 else meter.read_holding_registers
+                response = read(address, count=count, device_id=1)
                 if response.isError():
                     raise IOError(str(response))
-                for reg in run.registers:
-                    offset = reg.address - run.address
+                for reg in registers:
+                    offset = reg.address - address
                     values[reg.name] = meter.convert_from_registers(
                         response.registers[offset:offset + 2], meter.DATATYPE.FLOAT32)
             values["ts"] = time.time()

@@ -19,7 +19,7 @@ import time
 
 from evse_agent.pilot import NOMINAL_VOLTS, InputMonitor, PinSample
 
-ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 ADC_BOARD = os.path.join(ROOT, "boards", "esp32-sdm630.json")
 
 

@@ -3,16 +3,25 @@
 Prints one table and writes ``bench/results.json``. Benchmarks measure; they do not pass or
 fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shortens the windows.
 
-- Modbus requests and bytes per poll cycle of each meter map, against one request per
-  maximal run of contiguous registers (``bench_poll``);
-- poll cycle time over a pty relay that paces bytes at 9600 and 38400 baud, against the
-  wire time of the cycle's bytes, and against the line's floor: wire time plus the
-  3.5-character silences the protocol demands and the simulated meter's turnaround; the
-  same under the MicroPython unix port (``tools/testkit/unix_board/poll_cycle.py``: the host
-  board's ``machine.UART`` and the port's ``UartStream``), against the same wire time and
-  the CPython median of the run;
-- pilot change -> session message and telemetry sample -> subscriber, p50/p99, on a real
-  mosquitto, against the round trip of a bare paho publish -> subscribe (``bench_latency``);
+- Modbus requests and bytes per poll cycle of each meter map, counted on the line by a
+  frame-counting relay, against a naive reader (one pymodbus request per value, its own
+  process, the same relay) and against the bytes the map needs (``bench_wire``: the
+  cheapest reads the map's limits allow, computed apart from the agent's planner);
+- poll cycle time over a pty link that paces bytes at 9600 and 38400 baud, against
+  pymodbus's serial client doing the map's minimal reads through the same relay, and
+  against the line's floor: their wire time, the 3.5-character silences and the meter's
+  turnaround as a bare client with the bench's own framing measures it; the same under the
+  MicroPython unix port (``tools/testkit/unix_board/poll_cycle.py``: the host board's
+  ``machine.UART`` and the port's ``UartStream``), against the same wire time and the
+  CPython median of the run;
+- pilot change -> session message p50/p99 on a real mosquitto, beside the round trip of a
+  bare paho publish -> subscribe as a reference (no other program does that job;
+  ``bench_latency``);
+- side by side for one window with a car charging and its session open (``bench_bridge``):
+  the agent at shipped settings, the hand-written loop and modbus2mqtt (installed on
+  demand into ``.venv-bridge``; "not installed" and why when it cannot be), each behind
+  its own frame-counting relay: CPU s per 1,000 polls, resident memory, requests and
+  bytes per poll, and last response byte in -> subscriber p50/p99, against the loop;
 - journal: durable append rate, session-record-sized records fsync'ed before ``append``
   returns, against plain ``os.write``/``os.fsync`` of the same bytes; replay after a
   simulated 1-hour and 24-hour outage (fast clock), against raw paho QoS 1 publishing of
@@ -20,7 +29,7 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
 - state E/F detection delay of an ADC pilot board (``bench/inputs.py``), against the bound
   its sampling allows (debounce + one sample period);
 - CPU seconds per 1,000 poll cycles at 1 Hz and resident memory, a car charging, against a hand-written
-  pymodbus + paho loop (``bench/cpu.py``, ``handwritten_loop``);
+  pymodbus + paho loop (``bench_cpu``, ``handwritten_loop``);
 - flash wear: bytes and fsyncs the journal writes per hour at the default settings;
 - MicroPython, unix port (64-bit, ``tools/testkit/mpy_unix.py``), the core as deployed (a ROMFS
   image): the smallest fixed heap, in words beyond the image, in which the session scenario
@@ -64,6 +73,7 @@ from evse_agent.reading import Reading
 
 from evse_agent import log
 
+from .bridge import side_by_side, side_by_side_rows
 from .cpu import cpu_figures
 from .inputs import ef_detection_figures
 from .latency import latency_figures
@@ -290,10 +300,10 @@ def bench_micropython(workdir):
     out = os.path.join(workdir, "mpy")
     compiled = compile_core(out)
     figures = {"mpy_files": len(compiled), "mpy_bytes": sum(size for _, size in compiled)}
-    scenarios = os.path.join(ROOT, "host_tests", "mpy", "scenarios")
+    scenarios = os.path.join(ROOT, "host_tests", "mpy_scenarios")
     stats_file = os.path.join(workdir, "mpy-stats.json")
     for name in ("session", "p256"):
-        run = subprocess.run([node, os.path.join(ROOT, "tools", "testkit", "mpy_run.mjs"), "--mpy", out, "--stats", stats_file,
+        run = subprocess.run([node, os.path.join(ROOT, "tools", "mpy_run.mjs"), "--mpy", out, "--stats", stats_file,
                               os.path.join(scenarios, name + "_scenario.py"), "/tmp"],
                              capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
@@ -355,7 +365,7 @@ def _cpython_sign_ms(count=20):
     """Milliseconds per signature under CPython: the same pure-Python signer, and cryptography."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
-    from evse_agent.ports.micropython import p256
+    from evse_agent.ports import p256
     key = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
     signer = p256.Signer(key)
     started = time.perf_counter()
@@ -370,22 +380,68 @@ def _cpython_sign_ms(count=20):
     return {"p256_sign_ms": round(pure, 2), "cryptography_sign_ms": round(fast, 3)}
 
 
+def machine_class():
+    """What the figures were measured on: CPU model, cores, memory, Python, kernel."""
+    model = memory_kib = None
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+        with open("/proc/meminfo") as handle:
+            memory_kib = int(next(line for line in handle if line.startswith("MemTotal")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {"cpu_model": model, "cpus": os.cpu_count(),
+            "memory_gib": None if memory_kib is None else round(memory_kib / 1048576, 1),
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
 def _row(figure, measured, baseline="", ratio=None):
     return "%-58s %18s %18s %8s" % (figure, measured, baseline, "" if ratio is None else "%.3f" % ratio)
 
 
+def _latency_rows(latency):
+    """Pilot change -> session message rows, beside paho's round trip for reference."""
+    rows = []
+    if not latency:
+        return rows
+    rtt1 = latency["paho_rtt_qos1"]
+    for label, key in (("debounce off, sample 5 ms", "debounce_off"), ("sim board: debounce 100 ms", "board_defaults")):
+        pilot = latency[key]["pilot_to_session"]
+        rows.append(_row("pilot -> session message p50 (%s)" % label, "%.2f ms" % pilot["p50_ms"],
+                         "ref: paho rtt %.2f" % rtt1["p50_ms"], pilot["p50_ms"] / rtt1["p50_ms"]))
+        rows.append(_row("pilot -> session message p99 (%s)" % label, "%.2f ms" % pilot["p99_ms"],
+                         "ref: paho rtt %.2f" % rtt1["p99_ms"], pilot["p99_ms"] / rtt1["p99_ms"]))
+    return rows
+
+
+def _ef_rows(ef):
+    """State E/F detection delay of the ADC board, against the bound its sampling allows."""
+    if not ef:
+        return []
+    return [_row("state E/F detected, ADC board, p50 / p99 (max)",
+                 "%.0f / %.0f (%.0f) ms" % (ef["p50_ms"], ef["p99_ms"], ef["max_ms"]),
+                 "bound %d ms" % ef["bound_ms"], ef["p99_ms"] / ef["bound_ms"])]
+
+
 def _table(results):
-    lines = [_row("figure", "measured", "baseline") + "   ratio"]
-    for plan in results["modbus_requests"]:
-        lines.append(_row("%s requests / bytes per poll cycle" % plan["model"],
-                          "%d / %d B" % (plan["requests"], plan["bytes"]),
-                          "%d / %d B" % (plan["baseline_requests"], plan["baseline_bytes"]),
-                          plan["bytes"] / plan["baseline_bytes"]))
-    for cycle in results["poll_cycle"]:
-        lines.append(_row("%s poll cycle at %d baud (median)" % (cycle["model"], cycle["baudrate"]),
-                          "%.1f ms" % cycle["cycle_ms_median"], "wire %.1f ms" % cycle["wire_ms"],
-                          cycle["ratio"]))
-        lines.append(_row("  against the line's floor (silences, meter turnaround)", "",
+    machine, run = results["machine"], results.get("run", {})
+    lines = ["machine: %s, %s cores, %s GiB, Python %s; run started %s%s"
+             % (machine.get("cpu_model"), machine.get("cpus"), machine.get("memory_gib"), machine.get("python"),
+                run.get("started_utc"), " (--quick)" if run.get("quick") else ""),
+             _row("figure", "measured", "baseline") + "   ratio"]
+    for plan in results.get("modbus_requests") or ():
+        lines.append(_row("%s requests / bytes per poll cycle, naive reader" % plan["model"],
+                          "%g / %g B" % (plan["requests"], plan["bytes"]),
+                          "%g / %g B" % (plan["naive_requests"], plan["naive_bytes"]),
+                          plan["bytes"] / plan["naive_bytes"]))
+        lines.append(_row("  against the bytes the map needs (minimal reads)", "",
+                          "%d / %d B" % (plan["minimal_requests"], plan["minimal_bytes"]),
+                          plan["bytes"] / plan["minimal_bytes"]))
+    for cycle in results.get("poll_cycle") or ():
+        lines.append(_row("%s poll cycle at %d baud (median), pymodbus" % (cycle["model"], cycle["baudrate"]),
+                          "%.1f ms" % cycle["cycle_ms_median"], "%.1f ms" % cycle["pymodbus_ms_median"],
+                          cycle["ratio_to_pymodbus"]))
+        lines.append(_row("  against the line's floor (wire, silences, turnaround)", "",
                           "floor %.1f ms" % cycle["floor_ms"], cycle["ratio_to_floor"]))
     for cycle in results.get("poll_cycle_micropython") or ():
         if "error" in cycle:
@@ -397,24 +453,15 @@ def _table(results):
             lines.append(_row("  p95 %.1f ms; against CPython, same run" % cycle["cycle_ms_p95"], "",
                               "CPython %.1f ms" % cycle["cpython_ms_median"],
                               cycle["cycle_ms_median"] / cycle["cpython_ms_median"]))
-    latency = results.get("latency")
-    if latency:
-        rtt1, rtt0 = latency["paho_rtt_qos1"], latency["paho_rtt_qos0"]
-        for label, key in (("debounce off, sample 5 ms", "debounce_off"), ("sim board: debounce 100 ms", "board_defaults")):
-            pilot = latency[key]["pilot_to_session"]
-            lines.append(_row("pilot -> session message p50 (%s)" % label, "%.2f ms" % pilot["p50_ms"],
-                              "paho rtt %.2f ms" % rtt1["p50_ms"], pilot["p50_ms"] / rtt1["p50_ms"]))
-            lines.append(_row("pilot -> session message p99 (%s)" % label, "%.2f ms" % pilot["p99_ms"],
-                              "paho rtt %.2f ms" % rtt1["p99_ms"], pilot["p99_ms"] / rtt1["p99_ms"]))
-        telemetry = latency["debounce_off"]["telemetry_to_subscriber"]
-        lines.append(_row("telemetry sample -> subscriber p50", "%.2f ms" % telemetry["p50_ms"],
-                          "paho rtt %.2f ms" % rtt0["p50_ms"], telemetry["p50_ms"] / rtt0["p50_ms"]))
-        lines.append(_row("telemetry sample -> subscriber p99", "%.2f ms" % telemetry["p99_ms"],
-                          "paho rtt %.2f ms" % rtt0["p99_ms"], telemetry["p99_ms"] / rtt0["p99_ms"]))
-    append = results["durable_append"]
-    lines.append(_row("journal durable append (%d B records)" % append["record_bytes"],
-                      "%.1f/s" % append["journal_per_s"], "%.1f/s" % append["raw_fsync_per_s"], append["ratio"]))
-    for replay in results["replay"]:
+    lines.extend(_latency_rows(results.get("latency")))
+    side = results.get("side_by_side")
+    if side:
+        lines.extend(side_by_side_rows(side, _row))
+    append = results.get("durable_append")
+    if append:
+        lines.append(_row("journal durable append (%d B records)" % append["record_bytes"],
+                          "%.1f/s" % append["journal_per_s"], "%.1f/s" % append["raw_fsync_per_s"], append["ratio"]))
+    for replay in results.get("replay") or ():
         lines.append(_row("replay after %gh outage (%d records)" % (replay["outage_hours"], replay["records"]),
                           "%.1f/s" % replay["replay_per_s"], "%.1f/s" % replay["raw_paho_qos1_per_s"],
                           replay["ratio"]))
@@ -428,15 +475,12 @@ def _table(results):
                           "%d KiB" % base["rss_kib"], cpu["agent"]["rss_ratio"]))
     if results.get("monitoring"):
         lines.extend(monitoring_rows(results["monitoring"], _row))
-    ef = results.get("ef_detection")
-    if ef:
-        lines.append(_row("state E/F detected, ADC board, p50 / p99 (max)",
-                          "%.0f / %.0f (%.0f) ms" % (ef["p50_ms"], ef["p99_ms"], ef["max_ms"]),
-                          "bound %d ms" % ef["bound_ms"], ef["p99_ms"] / ef["bound_ms"]))
-    wear = results["flash_wear"]
-    lines.append(_row("journal data written per hour", "%d B" % wear["data_bytes_per_h"]))
-    lines.append(_row("fsyncs per hour", "%d" % wear["fsyncs_per_h"]))
-    lines.append(_row("flash bytes per hour (estimate)", "%d B" % wear["flash_bytes_per_h_estimate"]))
+    lines.extend(_ef_rows(results.get("ef_detection")))
+    wear = results.get("flash_wear")
+    if wear:
+        lines.append(_row("journal data written per hour", "%d B" % wear["data_bytes_per_h"]))
+        lines.append(_row("fsyncs per hour", "%d" % wear["fsyncs_per_h"]))
+        lines.append(_row("flash bytes per hour (estimate)", "%d B" % wear["flash_bytes_per_h_estimate"]))
     unix = results.get("micropython_unix") or {}
     if "session" in unix:
         goal = "%d words (ESP32 without PSRAM)" % unix["goal_words"]
@@ -483,37 +527,60 @@ def _table(results):
     return "\n".join(lines)
 
 
+SECTIONS = ("poll", "journal", "inputs", "latency", "side", "cpu", "monitoring", "mqtt", "micropython", "fleet")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="evse-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=RESULTS)
     parser.add_argument("--quick", action="store_true",
                         help="shorter windows and a fleet of 10 and 100 only (rougher figures)")
+    parser.add_argument("--only", metavar="SECTIONS",
+                        help="comma-separated sections to run (default: all): " + ", ".join(SECTIONS))
     args = parser.parse_args(argv)
     log.set_sink(lambda level, text: None, log.ERROR)
     cpu_window = 20.0 if args.quick else 60.0
     fleet_sizes = (10, 100) if args.quick else (10, 100, 500)
+    wanted = set(args.only.split(",")) if args.only else set(SECTIONS)
+    unknown = wanted - set(SECTIONS)
+    if unknown:
+        parser.error("unknown section(s) %s (known: %s)" % (", ".join(sorted(unknown)), ", ".join(SECTIONS)))
     workdir = tempfile.mkdtemp(prefix="evse-bench-")
+    results = {"machine": machine_class(), "run": {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                   "quick": args.quick, "sections": [s for s in SECTIONS if s in wanted]}}
     try:
-        results = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                               "cpus": os.cpu_count()},
-                   "modbus_requests": request_figures(),
-                   "poll_cycle": cycle_time_figures(),
-                   "durable_append": bench_durable_append(workdir),
-                   "ef_detection": ef_detection_figures()}
-        try:
-            results["poll_cycle_micropython"] = micropython_cycle_figures(results["poll_cycle"])
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            results["poll_cycle_micropython"] = [{"error": str(error)}]
-        with Mosquitto() as broker:
-            results["latency"] = latency_figures(broker, workdir, plugs=50 if args.quick else 150)
-            results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
-            results["cpu"] = cpu_figures(broker, os.path.join(workdir, "cpu"), window_s=cpu_window)
-            results["monitoring"] = monitoring_figures(broker, workdir, quick=args.quick)
-            results["micropython_mqtt"] = bench_micropython_mqtt(broker, 500 if args.quick else 2000)
-        results["flash_wear"] = bench_flash_wear(workdir)
-        results["micropython"] = bench_micropython(workdir)
-        results["micropython_unix"] = bench_micropython_unix(workdir, args.quick)
-        results["fleet"] = run_fleets(fleet_sizes, 20.0, workdir)
+        if "poll" in wanted:
+            results["poll_cycle"] = cycle_time_figures()
+            results["modbus_requests"] = request_figures(results["poll_cycle"])
+            try:
+                results["poll_cycle_micropython"] = micropython_cycle_figures(results["poll_cycle"])
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                results["poll_cycle_micropython"] = [{"error": str(error)}]
+        if "journal" in wanted:
+            results["durable_append"] = bench_durable_append(workdir)
+        if "inputs" in wanted:
+            results["ef_detection"] = ef_detection_figures()
+        if wanted & {"latency", "journal", "side", "cpu", "monitoring", "mqtt"}:
+            with Mosquitto() as broker:
+                if "latency" in wanted:
+                    results["latency"] = latency_figures(broker, workdir, plugs=50 if args.quick else 150)
+                if "journal" in wanted:
+                    results["replay"] = [bench_replay(workdir, broker, 1), bench_replay(workdir, broker, 24)]
+                if "side" in wanted:
+                    results["side_by_side"] = side_by_side(broker, os.path.join(workdir, "side"), window_s=cpu_window)
+                if "cpu" in wanted:
+                    results["cpu"] = cpu_figures(broker, os.path.join(workdir, "cpu"), window_s=cpu_window)
+                if "monitoring" in wanted:
+                    results["monitoring"] = monitoring_figures(broker, workdir, quick=args.quick)
+                if "mqtt" in wanted:
+                    results["micropython_mqtt"] = bench_micropython_mqtt(broker, 500 if args.quick else 2000)
+        if "journal" in wanted:
+            results["flash_wear"] = bench_flash_wear(workdir)
+        if "micropython" in wanted:
+            results["micropython"] = bench_micropython(workdir)
+            results["micropython_unix"] = bench_micropython_unix(workdir, args.quick)
+        if "fleet" in wanted:
+            results["fleet"] = run_fleets(fleet_sizes, 20.0, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(_table(results))

@@ -41,14 +41,14 @@ def paho_run(port, count, window):
     done = threading.Condition()
     acked = []
     sent_at = {}
-    latencies = []
+    acked_at = {}
     client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, client_id="bench-paho")
     client.max_inflight_messages_set(window)
     client.max_queued_messages_set(window)
 
     def on_publish(client, userdata, mid, reason_code, properties):
         with done:
-            latencies.append(time.perf_counter() - sent_at.pop(mid, time.perf_counter()))
+            acked_at[mid] = time.perf_counter()
             acked.append(mid)
             done.notify_all()
 
@@ -61,15 +61,18 @@ def paho_run(port, count, window):
         with done:
             while i - len(acked) >= window:
                 done.wait(5)
-            info = client.publish("probe/data", ("%d " % i).encode() + payload, qos=1)
-            sent_at[info.mid] = time.perf_counter()
+        # publish outside ``done``: paho calls on_publish holding its own lock, which
+        # publish also takes, so holding ``done`` here can deadlock the two threads
+        sent = time.perf_counter()
+        info = client.publish("probe/data", ("%d " % i).encode() + payload, qos=1)
+        sent_at[info.mid] = sent
     with done:
         while len(acked) < count:
             done.wait(5)
     seconds = time.perf_counter() - started
     client.disconnect()
     client.loop_stop()
-    latencies.sort()
+    latencies = sorted(acked_at[mid] - sent_at[mid] for mid in sent_at)
     return {"msg_per_s": count / seconds, "ack_us_p50": latencies[len(latencies) // 2] * 1e6}
 
 
