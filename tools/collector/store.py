@@ -200,6 +200,7 @@ class Store:
         self.failures = failures
         self._connect = connect
         self._in_transaction = False
+        self._formatted = {}  # SQL text -> its psycopg form
 
     def ensure_connected(self):
         """Open a new connection if the server closed this one (PostgreSQL restarted)."""
@@ -207,13 +208,28 @@ class Store:
             self.connection = self._connect(self.url)
 
     def _sql(self, sql):
-        return sql if self.dialect == "sqlite" else format_params(sql)
+        if self.dialect == "sqlite":
+            return sql
+        text = self._formatted.get(sql)
+        if text is None:
+            if len(self._formatted) > 1000:
+                self._formatted.clear()
+            text = self._formatted[sql] = format_params(sql)
+        return text
 
     def execute(self, sql, params=()):
         """Run one statement; returns the cursor (``rowcount``, ``fetchall``)."""
         cursor = self.connection.cursor()
         cursor.execute(self._sql(sql), tuple(params))
         return cursor
+
+    def executemany(self, sql, rows):
+        """Run one statement for each of ``rows`` (psycopg pipelines them: one round trip)."""
+        cursor = self.connection.cursor()
+        try:
+            cursor.executemany(self._sql(sql), rows)
+        finally:
+            cursor.close()
 
     def query(self, sql, params=()):
         """Rows (tuples) of one query."""
