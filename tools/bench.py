@@ -34,6 +34,9 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
   ``gc.mem_alloc()`` peak after each step, less the loaded code, against the 64 KiB budget;
 - fleet: 10, 100 and 500 simulated stations against one mosquitto (``fleet_sim``):
   messages/s and broker CPU;
+- fleet at scale (``bench_fleet``): records/s the collector stores on SQLite and PostgreSQL
+  and a share group of 2 and 4, against the databases' own bulk load and mosquitto_sub; a
+  fleet of replayed stations (2,000, or 10,000 with ``--full-fleet``) held exactly once;
 - monitoring quality (``bench_monitoring``): false power events per 1,000 stops, missed true
   drops per 1,000 and the detection delay p50/p99 on a fast clock, against the seed's rule
   (each reading judged against the inputs accepted when it arrives) on the same plans; and
@@ -66,6 +69,7 @@ from .bench_cpu import cpu_figures
 from .bench_latency import latency_figures
 from .bench_monitoring import monitoring_figures, monitoring_rows
 from .bench_poll import cycle_time_figures, micropython_cycle_figures, request_figures
+from . import bench_fleet
 from .broker import Mosquitto
 from .fleet_sim import fleet_table, run_fleets
 from .subscriber import Collector
@@ -473,6 +477,12 @@ def _table(results):
         lines.append("")
         lines.append("fleet simulation (tools/fleet_sim.py, %g s per size):" % fleet[0]["duration_s"])
         lines.append(fleet_table(fleet))
+    scale = results.get("fleet_scale")
+    if scale:
+        lines.append("")
+        lines.append("fleet at scale (tools/bench_fleet.py; %d replayed stations at %gx speed per ingest run):"
+                     % (scale["ingest_stations"], scale["speed"]))
+        lines.extend(bench_fleet.fleet_rows(scale, _row))
     return "\n".join(lines)
 
 
@@ -481,6 +491,8 @@ def main(argv=None):
     parser.add_argument("--output", default=RESULTS)
     parser.add_argument("--quick", action="store_true",
                         help="shorter windows and a fleet of 10 and 100 only (rougher figures)")
+    parser.add_argument("--full-fleet", action="store_true",
+                        help="the fleet-at-scale run with 10,000 stations for 120 s (default 2,000 for 60 s)")
     args = parser.parse_args(argv)
     log.set_sink(lambda level, text: None, log.ERROR)
     cpu_window = 20.0 if args.quick else 60.0
@@ -506,6 +518,8 @@ def main(argv=None):
         results["micropython"] = bench_micropython(workdir)
         results["micropython_unix"] = bench_micropython_unix(workdir, args.quick)
         results["fleet"] = run_fleets(fleet_sizes, 20.0, workdir)
+        results["fleet_scale"] = bench_fleet.run(1000, *((10000, 120.0) if args.full_fleet else (2000, 60.0)),
+                                                 workdir=workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(_table(results))

@@ -37,7 +37,7 @@ from .collector.store import SCHEMA, open_store
 from .fleet_replay import ReplayFleet, record
 from .postgres import PostgresCluster
 
-INGEST_SPEED = 40.0
+INGEST_SPEED = 20.0
 SHARE_GROUP = "bench"
 
 
@@ -252,7 +252,7 @@ def bare_subscriber_rate(scripts, stations, duration_s, speed):
 def run(stations=1000, fleet_stations=2000, fleet_duration_s=60.0, ingest_duration_s=None, workdir=None):
     """All figures of the fleet bench, as a dict."""
     workdir = tempfile.mkdtemp(prefix="evse-bench-fleet-", dir=workdir)
-    ingest_duration_s = ingest_duration_s or 600.0 / INGEST_SPEED
+    ingest_duration_s = ingest_duration_s or 200.0 / INGEST_SPEED
     results = {"ingest_stations": stations, "speed": INGEST_SPEED}
     try:
         scripts = record()
