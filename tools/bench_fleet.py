@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 
+from .bench_cpu import cpu_seconds
 from .broker import Mosquitto, find_mosquitto
 from .collector.store import SCHEMA, open_store
 from .fleet_replay import ReplayFleet, record
@@ -131,8 +132,28 @@ def wait_stored(db, expected, timeout_s=600):
         time.sleep(0.2)
 
 
-def run_collected(scripts, db, collectors, stations, duration_s, workdir, speed, kill_one=False):
-    """Replay ``stations`` into ``collectors`` collectors on ``db``; the figures."""
+def postgres_cpu_seconds(cluster):
+    """CPU seconds of ``cluster``'s server: the postmaster and its children still running."""
+    with open(os.path.join(cluster.data_dir, "postmaster.pid")) as handle:
+        postmaster = int(handle.readline())
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            if int(entry) == postmaster or parent == postmaster:
+                total += cpu_seconds(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+    return total
+
+
+def run_collected(scripts, db, collectors, stations, duration_s, workdir, speed, kill_one=False, cluster=None):
+    """Replay ``stations`` into ``collectors`` collectors on ``db``; the figures (CPU as %
+    of one core over the run: the collectors', the broker's and, given ``cluster``, the
+    database server's)."""
     with Mosquitto(max_connections=stations + 100) as broker:
         with Collectors(broker, db, collectors, workdir) as group:
             fleet = ReplayFleet(broker, scripts, stations, processes=2, speed=speed)
@@ -150,12 +171,18 @@ def run_collected(scripts, db, collectors, stations, duration_s, workdir, speed,
                 started["restart"].join()
             expected = sum(figures["acked"].values())
             done = wait_stored(db, expected)
+            span = done - started["t"]
+            cpu = {"collectors_cpu_pct": 100 * sum(cpu_seconds(p.pid) for p in group.processes.values()) / span,
+                   "broker_cpu_pct": 100 * cpu_seconds(broker.process.pid) / span}
+            if cluster is not None:
+                cpu["database_cpu_pct"] = 100 * postgres_cpu_seconds(cluster) / span
     stored, lost, duplicated, extra = exactly_once(figures["acked"], db)
     return {"stations": stations, "collectors": collectors, "messages": figures["messages"],
             "published": expected, "stored": stored, "lost": lost, "duplicated": duplicated, "extra": extra,
             "records_per_s": round(stored / (done - started["t"]), 1),
             "messages_per_s": round(figures["messages"] / (done - started["t"]), 1),
-            "lag_s": round(max(0.0, done - published_end), 2), "publish_s": round(published_end - started["t"], 1)}
+            "lag_s": round(max(0.0, done - published_end), 2), "publish_s": round(published_end - started["t"], 1),
+            **{name: round(value, 1) for name, value in cpu.items()}}
 
 
 # -- baselines: programs that share no code with the collector ------------------------------
@@ -265,11 +292,13 @@ def run(stations=1000, fleet_stations=2000, fleet_duration_s=60.0, ingest_durati
         for collectors in (1, 2, 4):
             with PostgresCluster() as cluster:
                 results["postgresql_%d" % collectors] = run_collected(
-                    scripts, cluster.url, collectors, stations, ingest_duration_s, workdir, INGEST_SPEED)
+                    scripts, cluster.url, collectors, stations, ingest_duration_s, workdir, INGEST_SPEED,
+                    cluster=cluster)
                 if collectors == 1:
                     results["psql_copy"] = psql_copy_rate(cluster, cluster.url)
         with PostgresCluster() as cluster:
-            results["fleet"] = run_collected(scripts, cluster.url, 2, fleet_stations, fleet_duration_s, workdir, 1.0)
+            results["fleet"] = run_collected(scripts, cluster.url, 2, fleet_stations, fleet_duration_s, workdir, 1.0,
+                                             cluster=cluster)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return results
@@ -290,6 +319,9 @@ def fleet_rows(results, row):
                          "%.0f" % results["bare_subscriber"], r["messages_per_s"] / results["bare_subscriber"]))
         lines.append(row("  lost / duplicated / extra of %d" % r["published"],
                          "%d / %d / %d" % (r["lost"], r["duplicated"], r["extra"]), "0 / 0 / 0"))
+        lines.append(row("  CPU %% of a core: collectors / broker / database",
+                         "%.0f / %.0f / %s" % (r["collectors_cpu_pct"], r["broker_cpu_pct"],
+                                               "%.0f" % r["database_cpu_pct"] if "database_cpu_pct" in r else "-"), ""))
     f = results["fleet"]
     lines.append(row("fleet %d stations, %d s, group of %d on PostgreSQL: records published / stored"
                      % (f["stations"], f["publish_s"], f["collectors"]), "%d / %d" % (f["published"], f["stored"]),
