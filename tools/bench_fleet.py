@@ -241,8 +241,9 @@ def psql_copy_rate(cluster, db):
     return round(len(rows["records"]) / elapsed, 1)
 
 
-def bare_subscriber_rate(scripts, stations, duration_s, speed):
-    """Messages/s ``mosquitto_sub`` receives of the same replayed stream (QoS 1)."""
+def bare_subscriber_rate(scripts, stations, duration_s, speed, expected_messages, workdir):
+    """Messages/s ``mosquitto_sub`` receives of the same replayed stream (QoS 1), timed until
+    it has ``expected_messages`` (what the same replay published before)."""
     sub = os.path.join(os.path.dirname(find_mosquitto()), "mosquitto_sub")
     if not os.path.exists(sub):
         sub = shutil.which("mosquitto_sub") or "mosquitto_sub"
@@ -250,10 +251,13 @@ def bare_subscriber_rate(scripts, stations, duration_s, speed):
         fleet = ReplayFleet(broker, scripts, stations, processes=2, speed=speed)
         subscriber = {}
 
+        output_path = os.path.join(workdir, "bare-subscriber.out")
+
         def start_subscriber():
-            subscriber["p"] = subprocess.Popen([sub, "-h", broker.host, "-p", str(broker.port), "-q", "1",
-                                                "-t", "evse/#", "-i", "bench-bare"],
-                                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            with open(output_path, "wb") as output:
+                subscriber["p"] = subprocess.Popen([sub, "-h", broker.host, "-p", str(broker.port), "-q", "1",
+                                                    "-t", "evse/#", "-i", "bench-bare", "-C", str(subscriber["n"])],
+                                                   stdout=output, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + 60
             while not broker.subscriptions("bench-bare"):
                 if time.monotonic() > deadline:
@@ -261,18 +265,18 @@ def bare_subscriber_rate(scripts, stations, duration_s, speed):
                 time.sleep(0.05)
             subscriber["t"] = time.monotonic()
 
-        figures = fleet.run(duration_s, on_started=start_subscriber)
+        # mosquitto_sub stops after as many messages as the first, identical replay published
+        subscriber["n"] = expected_messages
+        fleet.run(duration_s, on_started=start_subscriber)
         process = subscriber["p"]
-        received = 0
-        # every message is one line (payloads are single-line JSON or status text)
-        while received < figures["messages"]:
-            line = process.stdout.readline()
-            if not line:
-                break
-            received += 1
+        try:
+            process.wait(300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
         elapsed = time.monotonic() - subscriber["t"]
-        process.kill()
-        process.wait(10)
+        with open(output_path, "rb") as output:
+            received = sum(1 for _ in output)  # one line per message (single-line payloads)
     return round(received / elapsed, 1)
 
 
@@ -288,7 +292,8 @@ def run(stations=1000, fleet_stations=2000, fleet_duration_s=60.0, ingest_durati
         sqlite_db = os.path.join(workdir, "fleet.db")
         results["sqlite"] = run_collected(scripts, sqlite_db, 1, stations, ingest_duration_s, workdir, INGEST_SPEED)
         results["sqlite_bulk"] = sqlite_bulk_rate(sqlite_db, workdir)
-        results["bare_subscriber"] = bare_subscriber_rate(scripts, stations, ingest_duration_s, INGEST_SPEED)
+        results["bare_subscriber"] = bare_subscriber_rate(scripts, stations, ingest_duration_s, INGEST_SPEED,
+                                                          results["sqlite"]["messages"], workdir)
         for collectors in (1, 2, 4):
             with PostgresCluster() as cluster:
                 results["postgresql_%d" % collectors] = run_collected(

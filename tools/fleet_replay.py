@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import random
 import resource
 import shutil

@@ -363,10 +363,18 @@ class Ingestor:
             except Malformed as error:
                 self._reject(message, error, update, result)
         touched = set()
+        record_stations = sorted({record.station for record in records})
+        live_only = {}
+        if self.store.dialect == "postgresql":
+            # Only the stations with records are locked while the records are stored: the
+            # collectors of a share group all see every station's live messages, and would
+            # otherwise wait for each other's whole batch. The rest is a short transaction after.
+            with_records = set(record_stations)
+            live_only = {name: update for name, update in stations.items() if name not in with_records}
+            stations = {name: update for name, update in stations.items() if name not in live_only}
         try:
             with self.store.transaction():
                 self._update_stations(stations)
-                record_stations = sorted({record.station for record in records})
                 for station in record_stations:
                     if station not in self.tracker.stations:
                         touched.add(station)
@@ -409,6 +417,10 @@ class Ingestor:
             for station in touched:  # the cache may hold what was rolled back
                 self.tracker.stations.pop(station, None)
             raise
+        if live_only:
+            with self.store.transaction():
+                self._update_stations(live_only)
+                self._add_malformed(live_only)
         return result
 
     def _in_chunks(self, stations):
