@@ -620,3 +620,27 @@ def test_collector_on_a_bridged_broker_receives_every_record(broker, stations, c
         wait_until(lambda: len(stored_seqs(db_url, "bridged-1")) == station.written, what="bridged records")
         assert stored_seqs(db_url, "bridged-1") == list(range(1, station.written + 1))
         assert scalar(db_url, "SELECT COUNT(*) FROM sessions WHERE seq_end IS NOT NULL") == 1
+
+
+def test_a_record_the_database_refuses_is_skipped_alone(postgres_cluster):
+    """PostgreSQL refuses a NUL character in text: the batch's multi-row insert fails, the
+    batch is stored again one record at a time, and only that record is counted malformed."""
+    import psycopg
+    name = "refuse_%d" % (int(time.monotonic() * 1e6) % 10 ** 12)
+    with psycopg.connect(postgres_cluster.url, autocommit=True) as connection:
+        connection.execute("CREATE DATABASE %s" % name)
+    url = postgres_cluster.url.rsplit("/", 1)[0] + "/" + name
+
+    def event(seq, kind):
+        body = {"station": "st-1", "seq": seq, "type": kind, "severity": "warning", "state": "raised",
+                "start": "2026-11-01T00:00:00.000Z"}
+        return Message("evse/st-1/event", json.dumps(body).encode())
+
+    with open_store(url) as store:
+        result = Ingestor(store).store_batch([event(1, "meter_offline"), event(2, "bad\u0000type"),
+                                              event(3, "meter_online")])
+        assert (result.stored, result.malformed) == (2, 1)
+        assert store.query("SELECT seq FROM records ORDER BY seq") == [(1,), (3,)]
+        assert store.query("SELECT seq, type FROM events ORDER BY seq") == [(1, "meter_offline"), (3, "meter_online")]
+        assert store.query("SELECT first_seq, last_seq FROM gaps") == [(2, 2)]
+        assert store.scalar("SELECT malformed FROM stations WHERE station = 'st-1'") == 1
