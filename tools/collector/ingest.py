@@ -365,8 +365,9 @@ class Ingestor:
         touched = set()
         record_stations = sorted({record.station for record in records})
         live_only = {}
-        if self.store.dialect == "postgresql":
-            # Only the stations with records are locked while the records are stored: the
+        postgresql = self.store.dialect == "postgresql"
+        if postgresql:
+            # Only the stations with records are locked in the batch's transaction: the
             # collectors of a share group all see every station's live messages, and would
             # otherwise wait for each other's whole batch. The rest is a short transaction after.
             with_records = set(record_stations)
@@ -374,13 +375,11 @@ class Ingestor:
             stations = {name: update for name, update in stations.items() if name not in live_only}
         try:
             with self.store.transaction():
-                self._update_stations(stations)
-                for station in record_stations:
-                    if station not in self.tracker.stations:
-                        touched.add(station)
-                        self._seed(station)
-                stored_highest = self._highest(record_stations)  # current: the station rows are locked
-                highest = dict(stored_highest)
+                # The records go in before any station row is locked: ON CONFLICT on the
+                # records' key is all exactly-once needs, and a share group's collectors (each
+                # holding records of most stations) insert side by side instead of in turns.
+                # The plausibility bound reads the committed highest seq, never above the current one.
+                highest = self._highest(record_stations)
                 accepted = []
                 keys = set()
                 for record in records:
@@ -401,27 +400,72 @@ class Ingestor:
                     if known is None or record.seq > known:
                         highest[station] = record.seq
                 stored = self._store_records(accepted, stations, result)
+                # From here to commit the station rows are locked (in name order: no
+                # deadlocks). Whoever commits a station's records holds its row, so the last to
+                # lock it sees every committed record: sessions, gaps and seeds read current state.
+                self._update_stations(stations)
+                by_station = {}
+                for record in stored:
+                    by_station.setdefault(record.station, []).append(record)
+                for station in record_stations:
+                    if station not in self.tracker.stations:
+                        touched.add(station)
+                        self._seed(station, [record.seq for record in by_station.get(station, [])])
+                stored = self._merge_sessions(stored, stations, result)
                 by_station = {}
                 for record in stored:
                     touched.add(record.station)
                     by_station.setdefault(record.station, []).append(record)
-                    if stored_highest[record.station] is None or record.seq > stored_highest[record.station]:
-                        stored_highest[record.station] = record.seq
+                stored_highest = self._highest(sorted(touched))
                 self._add_malformed(stations)
                 old_gaps = self._gaps_of(sorted(touched))
                 for station in sorted(touched):
                     self._update_gaps(station, by_station.get(station, []), stored_highest.get(station) or 0,
                                       old_gaps.get(station, []))
-                self._count(result)
+                if not postgresql:
+                    self._count(result)
         except BaseException:
             for station in touched:  # the cache may hold what was rolled back
                 self.tracker.stations.pop(station, None)
             raise
-        if live_only:
+        if postgresql:
+            # Counters after the records' commit: every batch of every collector adds to the
+            # same few rows, which would otherwise serialise the group's commits.
             with self.store.transaction():
                 self._update_stations(live_only)
                 self._add_malformed(live_only)
+                self._count(result)
         return result
+
+    def _merge_sessions(self, stored, stations, result):
+        """Fold the stored session records into ``sessions`` (the station rows are locked);
+        returns ``stored`` without the records whose session row the database refused,
+        which are taken out of ``records`` again and counted malformed."""
+        sessions = [record for record in stored if record.type == "session"]
+        if not sessions:
+            return stored
+        try:
+            with self.store.savepoint("sessions"):
+                known = self._sessions_of(sessions)
+                for record in sessions:
+                    self._merge_session(record, known)
+            return stored
+        except self.store.data_errors as error:
+            log.warning("the sessions of a batch were refused (%s); merging them one at a time", error)
+        refused = set()
+        for record in sessions:
+            try:
+                with self.store.savepoint():
+                    self._merge_session(record)
+            except self.store.data_errors as error:
+                log.warning("station %s seq %d: the database refused the session record (%s); skipped",
+                            record.station, record.seq, error)
+                self.store.execute("DELETE FROM records WHERE station = ? AND seq = ?", (record.station, record.seq))
+                refused.add((record.station, record.seq))
+                stations[record.station].malformed += 1
+                result.stored -= 1
+                result.malformed += 1
+        return [record for record in stored if (record.station, record.seq) not in refused]
 
     def _in_chunks(self, stations):
         for i in range(0, len(stations), BULK_ROWS):
@@ -494,11 +538,6 @@ class Ingestor:
         aggregates = [record for record in stored if record.type in ("aggregate", "summary")]
         if aggregates:
             store.executemany(AGGREGATE_INSERT, [_aggregate_values(record) for record in aggregates])
-        sessions = [record for record in stored if record.type == "session"]
-        if sessions:
-            known = self._sessions_of(sessions)
-            for record in sessions:
-                self._merge_session(record, known)
         return stored
 
     def _sessions_of(self, records):
@@ -571,11 +610,9 @@ class Ingestor:
                      record.payload))
                 if cursor.rowcount != 1:
                     return False
-                if record.type == "session":
-                    self._merge_session(record)
-                elif record.type == "event":
+                if record.type == "event":
                     store.execute(EVENT_INSERT, _event_values(record))
-                else:
+                elif record.type != "session":  # sessions are merged once the station is locked
                     store.execute(AGGREGATE_INSERT, _aggregate_values(record))
         except store.data_errors as error:
             log.warning("station %s seq %d: the database refused the record (%s); skipped",
@@ -661,12 +698,19 @@ class Ingestor:
                                   "ORDER BY seq", (station, first, last)):
             self.tracker.accept(station, seq)
 
-    def _seed(self, station):
+    def _seed(self, station, own):
         """Start tracking ``station`` from the database: every seq below its first stored gap
-        is accounted for (the ``gaps`` rows are committed with the records), the rest is read."""
+        is accounted for (the ``gaps`` rows are committed with the records, under the station's
+        row lock), the rest is read. ``own``: the seqs this transaction stored, not yet committed."""
         first_gap = self.store.scalar("SELECT MIN(first_seq) FROM gaps WHERE station = ?", (station,))
         if first_gap is None:
-            accounted = self.store.scalar("SELECT MAX(seq) FROM records WHERE station = ?", (station,)) or 0
+            accounted = 0  # the highest committed seq: the first of the top len(own) + 1 not stored here
+            own = set(own)
+            for (seq,) in self.store.query("SELECT seq FROM records WHERE station = ? ORDER BY seq DESC LIMIT ?",
+                                           (station, len(own) + 1)):
+                if seq not in own:
+                    accounted = seq
+                    break
         else:
             accounted = first_gap - 1
         self.tracker.assume_seen(station, accounted)
