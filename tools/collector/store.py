@@ -281,6 +281,12 @@ class Store:
 
     def create_schema(self):
         """Create the tables and indexes that are missing (safe with several collectors)."""
+        if self.dialect == "postgresql" and self.scalar("SELECT to_regclass('meta')") is not None \
+                and self.scalar("SELECT value FROM meta WHERE key = 'schema_version'") is not None:
+            # Written with the schema: all of it exists. CREATE INDEX IF NOT EXISTS would still
+            # lock its table against the writes of the collectors already running.
+            self._check_version()
+            return
         with self.transaction():
             if self.dialect == "postgresql":
                 # Concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL's catalog.
@@ -289,6 +295,9 @@ class Store:
                 self.execute(statement)
             self.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
                          "ON CONFLICT (key) DO NOTHING", (str(SCHEMA_VERSION),))
+        self._check_version()
+
+    def _check_version(self):
         version = self.scalar("SELECT value FROM meta WHERE key = 'schema_version'")
         if int(version) != SCHEMA_VERSION:
             raise ValueError("database %s has schema version %s, this collector knows %d"
