@@ -399,6 +399,9 @@ class Ingestor:
                     accepted.append(record)
                     if known is None or record.seq > known:
                         highest[station] = record.seq
+                # In key order: two collectors given the same records (a redelivery) wait for
+                # each other's keys one way only, never in a cycle.
+                accepted.sort(key=lambda record: (record.station, record.seq))
                 stored = self._store_records(accepted, stations, result)
                 # From here to commit the station rows are locked (in name order: no
                 # deadlocks). Whoever commits a station's records holds its row, so the last to
@@ -430,8 +433,12 @@ class Ingestor:
             raise
         if postgresql:
             # Counters after the records' commit: every batch of every collector adds to the
-            # same few rows, which would otherwise serialise the group's commits.
+            # same few rows, which would otherwise serialise the group's commits. Nothing here
+            # is a record, so the commit does not wait for the WAL flush (synchronous_commit
+            # off) and releases the shared rows at once: a database crash may lose the last
+            # counts and last_seen times, never a record.
             with self.store.transaction():
+                self.store.execute("SET LOCAL synchronous_commit = off")
                 self._update_stations(live_only)
                 self._add_malformed(live_only)
                 self._count(result)
