@@ -39,9 +39,10 @@ JSON text):
 - ``meta``: ``schema_version``.
 
 Several collectors may write to one database: SQLite runs in WAL mode with a busy timeout
-and takes the write lock when a batch starts; on PostgreSQL each batch locks the rows of
-the stations it touches first (in name order), and every insert is ``ON CONFLICT DO
-NOTHING``.
+and takes the write lock when a batch starts; on PostgreSQL each batch inserts its records
+(``ON CONFLICT DO NOTHING``, in key order) and only then locks the rows of the stations it
+stored records of (in name order) for its sessions and gaps, until commit; counters and the
+other stations' rows follow in a short transaction of their own.
 """
 
 import contextlib
