@@ -15,6 +15,9 @@ fi
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     missing="$missing mosquitto"
 fi
+if ! command -v mosquitto_sub >/dev/null 2>&1; then
+    missing="$missing mosquitto-clients"  # make bench: the broker's delivery to a bare subscriber
+fi
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     missing="$missing nodejs npm"
 fi

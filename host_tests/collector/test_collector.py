@@ -16,6 +16,8 @@ import threading
 import time
 
 import paho.mqtt.client as paho
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import pytest
 
 from evse_agent.agent import event_doc
@@ -620,3 +622,112 @@ def test_collector_on_a_bridged_broker_receives_every_record(broker, stations, c
         wait_until(lambda: len(stored_seqs(db_url, "bridged-1")) == station.written, what="bridged records")
         assert stored_seqs(db_url, "bridged-1") == list(range(1, station.written + 1))
         assert scalar(db_url, "SELECT COUNT(*) FROM sessions WHERE seq_end IS NOT NULL") == 1
+
+
+def test_a_record_the_database_refuses_is_skipped_alone(postgres_cluster):
+    """PostgreSQL refuses a NUL character in text: the batch's multi-row insert fails, the
+    batch is stored again one record at a time, and only that record is counted malformed."""
+    import psycopg
+    name = "refuse_%d" % (int(time.monotonic() * 1e6) % 10 ** 12)
+    with psycopg.connect(postgres_cluster.url, autocommit=True) as connection:
+        connection.execute("CREATE DATABASE %s" % name)
+    url = postgres_cluster.url.rsplit("/", 1)[0] + "/" + name
+
+    def event(seq, kind):
+        body = {"station": "st-1", "seq": seq, "type": kind, "severity": "warning", "state": "raised",
+                "start": "2026-11-01T00:00:00.000Z"}
+        return Message("evse/st-1/event", json.dumps(body).encode())
+
+    with open_store(url) as store:
+        result = Ingestor(store).store_batch([event(1, "meter_offline"), event(2, "bad\u0000type"),
+                                              event(3, "meter_online")])
+        assert (result.stored, result.malformed) == (2, 1)
+        assert store.query("SELECT seq FROM records ORDER BY seq") == [(1,), (3,)]
+        assert store.query("SELECT seq, type FROM events ORDER BY seq") == [(1, "meter_offline"), (3, "meter_online")]
+        assert store.query("SELECT first_seq, last_seq FROM gaps") == [(2, 2)]
+        assert store.scalar("SELECT malformed FROM stations WHERE station = 'st-1'") == 1
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=st.data())
+def test_a_share_groups_collectors_storing_at_once_keep_each_record_once_and_the_gaps_current(
+        postgres_cluster, plan):
+    """Collectors of a share group get records of every station in any order, some twice (a
+    redelivery to another member): storing at once on one PostgreSQL, every delivered record is
+    stored once, ``gaps`` names exactly the seqs never delivered, and each session row merges
+    its start and end whichever collector stored them."""
+    import psycopg
+    name = "group_%d" % (int(time.monotonic() * 1e6) % 10 ** 12)
+    with psycopg.connect(postgres_cluster.url, autocommit=True) as connection:
+        connection.execute("CREATE DATABASE %s" % name)
+    url = postgres_cluster.url.rsplit("/", 1)[0] + "/" + name
+    members = plan.draw(st.integers(2, 4), label="collectors")
+    stations = ["st-%d" % i for i in range(plan.draw(st.integers(1, 5), label="stations"))]
+    delivered = {}
+    session_end = {}
+    deliveries = [[] for _ in range(members)]
+    for station in stations:
+        last = plan.draw(st.integers(2, 40), label="records")
+        kept = plan.draw(st.sets(st.integers(1, last), min_size=1), label="delivered seqs")
+        delivered[station] = kept
+        session_end[station] = last
+        for seq in range(1, last + 1):
+            if seq not in kept:
+                continue
+            if seq in (1, last):
+                body = {"station": station, "seq": seq, "event": "start" if seq == 1 else "end",
+                        "session_id": "s-1", "ts": "2026-11-01T00:00:%02d.000Z" % (seq % 60)}
+                channel = "session"
+            else:
+                body = {"station": station, "seq": seq, "type": "meter_offline", "severity": "warning",
+                        "state": "raised", "start": "2026-11-01T00:00:00.000Z"}
+                channel = "event"
+            message = Message("evse/%s/%s" % (station, channel), json.dumps(body).encode())
+            for member in plan.draw(st.sets(st.integers(0, members - 1), min_size=1, max_size=2), label="to"):
+                deliveries[member].append(message)
+    batches = []
+    for member in range(members):
+        order = plan.draw(st.permutations(deliveries[member]), label="order")
+        sizes = []
+        while sum(sizes) < len(order):
+            sizes.append(plan.draw(st.integers(1, 30), label="batch"))
+        batches.append([order[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))])
+    failures = []
+    ready = threading.Barrier(members)
+
+    def collect(member):
+        try:
+            with open_store(url) as store:
+                ingestor = Ingestor(store)
+                ready.wait(timeout=60)
+                for batch in batches[member]:
+                    ingestor.store_batch(batch)
+        except Exception as error:  # reported by the test below, not lost in the thread
+            failures.append(error)
+
+    threads = [threading.Thread(target=collect, args=(member,)) for member in range(members)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    for station in stations:
+        kept = delivered[station]
+        assert [seq for (seq,) in rows(url, "SELECT seq FROM records WHERE station = ? ORDER BY seq",
+                                       (station,))] == sorted(kept)
+        missing = [seq for seq in range(1, max(kept)) if seq not in kept]
+        runs = []
+        for seq in missing:
+            if runs and runs[-1][1] == seq - 1:
+                runs[-1][1] = seq
+            else:
+                runs.append([seq, seq])
+        assert [list(gap) for gap in rows(url, "SELECT first_seq, last_seq FROM gaps WHERE station = ? "
+                                               "ORDER BY first_seq", (station,))] == runs
+        session = rows(url, "SELECT seq_start, seq_end, seq_last FROM sessions WHERE station = ?", (station,))
+        last = session_end[station]
+        ends = [seq for seq in (1, last) if seq in kept]
+        assert session == ([(1 if 1 in kept else None, last if last in kept else None, max(ends))]
+                           if ends else [])
+    received = sum(len(d) for d in deliveries)
+    assert dict(rows(url, "SELECT name, value FROM counters")).get("received") == received

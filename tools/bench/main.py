@@ -45,6 +45,10 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
   ``gc.mem_alloc()`` peak after each step, less the loaded code, against the 64 KiB budget;
 - fleet: 10, 100 and 500 simulated stations against one mosquitto (``fleet_sim``):
   messages/s and broker CPU;
+- fleet at scale (``bench_fleet``): records/s the collector stores on SQLite and PostgreSQL
+  and a share group of 2 and 4, against the databases' own bulk load and mosquitto_sub; a
+  fleet of replayed stations (5,000 into one collector; 10,000 into a group of 2 with
+  ``--full-fleet``) held exactly once;
 - monitoring quality (``bench_monitoring``): false power events per 1,000 stops, missed true
   drops per 1,000 and the detection delay p50/p99 on a fast clock, against the seed's rule
   (each reading judged against the inputs accepted when it arrives) on the same plans; and
@@ -75,6 +79,7 @@ from evse_agent import log
 
 from .bridge import side_by_side, side_by_side_rows
 from .cpu import cpu_figures
+from . import fleet as bench_fleet
 from .inputs import ef_detection_figures
 from .latency import latency_figures
 from .monitoring import monitoring_figures, monitoring_rows
@@ -423,6 +428,21 @@ def _ef_rows(ef):
                  "bound %d ms" % ef["bound_ms"], ef["p99_ms"] / ef["bound_ms"])]
 
 
+def _fleet_rows(fleet, scale):
+    """The fleet simulation's table and the fleet-at-scale rows."""
+    rows = []
+    if fleet:
+        rows.append("")
+        rows.append("fleet simulation (tools/sim/fleet_sim.py, %g s per size):" % fleet[0]["duration_s"])
+        rows.append(fleet_table(fleet))
+    if scale:
+        rows.append("")
+        rows.append("fleet at scale (tools/bench/fleet.py; %d replayed stations at %gx speed per ingest run):"
+                    % (scale["ingest_stations"], scale["speed"]))
+        rows.extend(bench_fleet.fleet_rows(scale, _row))
+    return rows
+
+
 def _table(results):
     machine, run = results["machine"], results.get("run", {})
     lines = ["machine: %s, %s cores, %s GiB, Python %s; run started %s%s"
@@ -519,11 +539,7 @@ def _table(results):
                           "%d B" % micro["budget_bytes"], micro["data_peak_bytes"] / micro["budget_bytes"]))
     elif micro:
         lines.append(_row("MicroPython heap peak", micro.get("error", "")))
-    fleet = results.get("fleet")
-    if fleet:
-        lines.append("")
-        lines.append("fleet simulation (tools/sim/fleet_sim.py, %g s per size):" % fleet[0]["duration_s"])
-        lines.append(fleet_table(fleet))
+    lines.extend(_fleet_rows(results.get("fleet"), results.get("fleet_scale")))
     return "\n".join(lines)
 
 
@@ -537,6 +553,9 @@ def main(argv=None):
                         help="shorter windows and a fleet of 10 and 100 only (rougher figures)")
     parser.add_argument("--only", metavar="SECTIONS",
                         help="comma-separated sections to run (default: all): " + ", ".join(SECTIONS))
+    parser.add_argument("--full-fleet", action="store_true",
+                        help="the fleet-at-scale run with 10,000 stations for 120 s into a group of 2 "
+                             "collectors (default 5,000 for 60 s into one)")
     args = parser.parse_args(argv)
     log.set_sink(lambda level, text: None, log.ERROR)
     cpu_window = 20.0 if args.quick else 60.0
@@ -581,6 +600,8 @@ def main(argv=None):
             results["micropython_unix"] = bench_micropython_unix(workdir, args.quick)
         if "fleet" in wanted:
             results["fleet"] = run_fleets(fleet_sizes, 20.0, workdir)
+            results["fleet_scale"] = bench_fleet.run(
+                1000, *(bench_fleet.FULL_FLEET_RUN if args.full_fleet else bench_fleet.FLEET_RUN), workdir=workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(_table(results))

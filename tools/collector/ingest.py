@@ -276,6 +276,30 @@ def parse_record(station, channel, message):
 
 # -- storing -------------------------------------------------------------------------------
 
+# Rows per multi-row statement: below SQLite's 32766 and PostgreSQL's 65535 parameters.
+BULK_ROWS = 1000
+
+EVENT_INSERT = ('INSERT INTO events (station, seq, event_number, type, severity, state, start, "end", '
+                "session_id, values_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (station, seq) DO NOTHING")
+AGGREGATE_INSERT = ('INSERT INTO aggregates (station, seq, kind, start, "end", samples, aggregates, '
+                    "energy_wh_start, energy_wh_end, power_min_w, power_avg_w, power_max_w, "
+                    "frequency_avg_hz, covers_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (station, seq) DO NOTHING")
+
+
+def _event_values(record):
+    row = record.row
+    return (record.station, record.seq, row["event_number"], row["type"], row["severity"], row["state"],
+            row["start"], row["end"], row["session_id"], row["values_json"])
+
+
+def _aggregate_values(record):
+    row = record.row
+    return (record.station, record.seq, row["kind"], row["start"], row["end"], row["samples"],
+            row["aggregates"], row["energy_wh_start"], row["energy_wh_end"], row["power_min_w"],
+            row["power_avg_w"], row["power_max_w"], row["frequency_avg_hz"], row["covers_seq"])
+
 
 class StationUpdate:
     """What a batch says about one station's row."""
@@ -303,6 +327,73 @@ class Ingestor:
         """Store ``messages`` in one transaction; returns a BatchResult. Raises only for
         database failures (the batch is then not stored at all and may be retried)."""
         result = BatchResult()
+        stations, records = self._parse_batch(messages, result)
+        touched = set()
+        record_stations = sorted({record.station for record in records})
+        live_only = {}
+        postgresql = self.store.dialect == "postgresql"
+        if postgresql:
+            # Only the stations with records are locked in the batch's transaction: the
+            # collectors of a share group all see every station's live messages, and would
+            # otherwise wait for each other's whole batch. The rest is a short transaction after.
+            with_records = set(record_stations)
+            live_only = {name: update for name, update in stations.items() if name not in with_records}
+            stations = {name: update for name, update in stations.items() if name not in live_only}
+        try:
+            with self.store.transaction():
+                # The records go in before any station row is locked: ON CONFLICT on the
+                # records' key is all exactly-once needs, and a share group's collectors (each
+                # holding records of most stations) insert side by side instead of in turns.
+                # The plausibility bound reads the committed highest seq, never above the current one.
+                accepted = self._plausible(records, self._highest(record_stations), stations, result)
+                # In key order: two collectors given the same records (a redelivery) wait for
+                # each other's keys one way only, never in a cycle.
+                accepted.sort(key=lambda record: (record.station, record.seq))
+                stored = self._store_records(accepted, stations, result)
+                # From here to commit the station rows are locked (in name order: no
+                # deadlocks). Whoever commits a station's records holds its row, so the last to
+                # lock it sees every committed record: sessions, gaps and seeds read current state.
+                self._update_stations(stations)
+                by_station = {}
+                for record in stored:
+                    by_station.setdefault(record.station, []).append(record)
+                for station in record_stations:
+                    if station not in self.tracker.stations:
+                        touched.add(station)
+                        self._seed(station, [record.seq for record in by_station.get(station, [])])
+                stored = self._merge_sessions(stored, stations, result)
+                by_station = {}
+                for record in stored:
+                    touched.add(record.station)
+                    by_station.setdefault(record.station, []).append(record)
+                stored_highest = self._highest(sorted(touched))
+                self._add_malformed(stations)
+                old_gaps = self._gaps_of(sorted(touched))
+                for station in sorted(touched):
+                    self._update_gaps(station, by_station.get(station, []), stored_highest.get(station) or 0,
+                                      old_gaps.get(station, []))
+                if not postgresql:
+                    self._count(result)
+        except BaseException:
+            for station in touched:  # the cache may hold what was rolled back
+                self.tracker.stations.pop(station, None)
+            raise
+        if postgresql:
+            # Counters after the records' commit: every batch of every collector adds to the
+            # same few rows, which would otherwise serialise the group's commits. Nothing here
+            # is a record, so the commit does not wait for the WAL flush (synchronous_commit
+            # off) and releases the shared rows at once: a database crash may lose the last
+            # counts and last_seen times, never a record.
+            with self.store.transaction():
+                self.store.execute("SET LOCAL synchronous_commit = off")
+                self._update_stations(live_only)
+                self._add_malformed(live_only)
+                self._count(result)
+        return result
+
+    def _parse_batch(self, messages, result):
+        """({station: StationUpdate}, [records]) of ``messages``; malformed ones are rejected
+        and counted in ``result`` as they are met."""
         stations = {}
         records = []
         for message in messages:
@@ -338,50 +429,156 @@ class Ingestor:
                     result.ignored += 1
             except Malformed as error:
                 self._reject(message, error, update, result)
-        touched = set()
+        return stations, records
+
+    def _plausible(self, records, highest, stations, result):
+        """The records of the batch to store, each once: a seq implausibly far above the
+        station's highest (``highest``, updated here) is skipped and counted malformed."""
+        accepted = []
+        keys = set()
+        for record in records:
+            station = record.station
+            known = highest[station]
+            limit = MAX_FIRST_SEQ if known is None else known + MAX_SEQ_AHEAD
+            if record.seq > limit:
+                result.malformed += 1
+                stations[station].malformed += 1
+                log.warning("station %s: record seq %d skipped: implausibly far ahead of the highest"
+                            " stored seq (%s)", station, record.seq, known)
+                continue
+            if (station, record.seq) in keys:
+                result.duplicates += 1  # a redelivery within the batch
+                continue
+            keys.add((station, record.seq))
+            accepted.append(record)
+            if known is None or record.seq > known:
+                highest[station] = record.seq
+        return accepted
+
+    def _merge_sessions(self, stored, stations, result):
+        """Fold the stored session records into ``sessions`` (the station rows are locked);
+        returns ``stored`` without the records whose session row the database refused,
+        which are taken out of ``records`` again and counted malformed."""
+        sessions = [record for record in stored if record.type == "session"]
+        if not sessions:
+            return stored
         try:
-            with self.store.transaction():
-                self._update_stations(stations)
-                for station in sorted({record.station for record in records}):
-                    if station not in self.tracker.stations:
-                        touched.add(station)
-                        self._seed(station)
-                stored = []
-                highest = {}
-                for record in records:
-                    station = record.station
-                    if station not in highest:
-                        highest[station] = self.store.scalar(
-                            "SELECT MAX(seq) FROM records WHERE station = ?", (station,))
-                    known = highest[station]
-                    limit = MAX_FIRST_SEQ if known is None else known + MAX_SEQ_AHEAD
-                    if record.seq > limit:
-                        result.malformed += 1
-                        stations[station].malformed += 1
-                        log.warning("station %s: record seq %d skipped: implausibly far ahead of the highest"
-                                    " stored seq (%s)", station, record.seq, known)
-                        continue
-                    outcome = self._store_record(record)
-                    if outcome is None:
-                        stations[record.station].malformed += 1
-                        result.malformed += 1
-                    elif outcome:
-                        if highest[record.station] is None or record.seq > highest[record.station]:
-                            highest[record.station] = record.seq
-                        stored.append(record)
-                        touched.add(record.station)
-                        result.stored += 1
-                    else:
-                        result.duplicates += 1
-                self._add_malformed(stations)
-                for station in sorted(touched):
-                    self._update_gaps(station, [r for r in stored if r.station == station])
-                self._count(result)
-        except BaseException:
-            for station in touched:  # the cache may hold what was rolled back
-                self.tracker.stations.pop(station, None)
-            raise
-        return result
+            with self.store.savepoint("sessions"):
+                known = self._sessions_of(sessions)
+                for record in sessions:
+                    self._merge_session(record, known)
+            return stored
+        except self.store.data_errors as error:
+            log.warning("the sessions of a batch were refused (%s); merging them one at a time", error)
+        refused = set()
+        for record in sessions:
+            try:
+                with self.store.savepoint():
+                    self._merge_session(record)
+            except self.store.data_errors as error:
+                log.warning("station %s seq %d: the database refused the session record (%s); skipped",
+                            record.station, record.seq, error)
+                self.store.execute("DELETE FROM records WHERE station = ? AND seq = ?", (record.station, record.seq))
+                refused.add((record.station, record.seq))
+                stations[record.station].malformed += 1
+                result.stored -= 1
+                result.malformed += 1
+        return [record for record in stored if (record.station, record.seq) not in refused]
+
+    def _in_chunks(self, stations):
+        for i in range(0, len(stations), BULK_ROWS):
+            chunk = stations[i:i + BULK_ROWS]
+            yield chunk, "(%s)" % ", ".join("?" * len(chunk))
+
+    def _highest(self, stations):
+        """{station: highest stored seq or None} in one query per BULK_ROWS stations."""
+        highest = dict.fromkeys(stations)
+        for chunk, marks in self._in_chunks(stations):
+            for station, seq in self.store.query(
+                    "SELECT station, MAX(seq) FROM records WHERE station IN %s GROUP BY station" % marks, chunk):
+                highest[station] = seq
+        return highest
+
+    def _gaps_of(self, stations):
+        """{station: [(first, last, detected_at)]} of the ``gaps`` rows of ``stations``."""
+        gaps = {}
+        for chunk, marks in self._in_chunks(stations):
+            for station, first, last, detected in self.store.query(
+                    "SELECT station, first_seq, last_seq, detected_at FROM gaps WHERE station IN %s" % marks, chunk):
+                gaps.setdefault(station, []).append((first, last, detected))
+        return gaps
+
+    def _store_records(self, records, stations, result):
+        """Store ``records`` (no two with one key); returns those that were new. All at once
+        (multi-row inserts, one round trip per BULK_ROWS records); if the database refuses
+        a value, one at a time so that only the refused records are skipped."""
+        if not records:
+            return []
+        try:
+            with self.store.savepoint("bulk"):
+                stored = self._insert_all(records)
+        except self.store.data_errors as error:
+            log.warning("a batch of %d records was refused (%s); storing them one at a time", len(records), error)
+        else:
+            result.stored += len(stored)
+            result.duplicates += len(records) - len(stored)
+            return stored
+        stored = []
+        for record in records:
+            outcome = self._store_record(record)
+            if outcome is None:
+                stations[record.station].malformed += 1
+                result.malformed += 1
+            elif outcome:
+                stored.append(record)
+                result.stored += 1
+            else:
+                result.duplicates += 1
+        return stored
+
+    def _insert_all(self, records):
+        store = self.store
+        new = set()
+        for i in range(0, len(records), BULK_ROWS):
+            chunk = records[i:i + BULK_ROWS]
+            params = []
+            for record in chunk:
+                params.extend((record.station, record.seq, record.type, record.ts, record.received_at,
+                               record.payload))
+            new.update(tuple(row) for row in store.query(
+                "INSERT INTO records (station, seq, type, ts, received_at, payload) VALUES %s "
+                "ON CONFLICT (station, seq) DO NOTHING RETURNING station, seq"
+                % ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)), params))
+        stored = [record for record in records if (record.station, record.seq) in new]
+        events = [record for record in stored if record.type == "event"]
+        if events:
+            store.executemany(EVENT_INSERT, [_event_values(record) for record in events])
+        aggregates = [record for record in stored if record.type in ("aggregate", "summary")]
+        if aggregates:
+            store.executemany(AGGREGATE_INSERT, [_aggregate_values(record) for record in aggregates])
+        return stored
+
+    def _sessions_of(self, records):
+        """What ``_merge_session`` reads, for all session ``records`` at once: {(station,
+        session_id): seq_last} of the rows present, and {station: public key} under "keys"."""
+        stations = sorted({record.station for record in records})
+        wanted = sorted({(record.station, record.row["session_id"]) for record in records})
+        known = {"keys": dict.fromkeys(stations)}
+        for i in range(0, len(wanted), BULK_ROWS // 2):
+            pairs = wanted[i:i + BULK_ROWS // 2]
+            names = sorted({station for station, _ in pairs})
+            ids = sorted({session_id for _, session_id in pairs})
+            wanted_set = set(pairs)
+            for station, session_id, seq_last in self.store.query(
+                    "SELECT station, session_id, seq_last FROM sessions WHERE station IN (%s) AND session_id IN (%s)"
+                    % (", ".join("?" * len(names)), ", ".join("?" * len(ids))), names + ids):
+                if (station, session_id) in wanted_set:
+                    known[(station, session_id)] = seq_last
+        for chunk, marks in self._in_chunks(stations):
+            for station, key in self.store.query(
+                    "SELECT station, public_key_pem FROM stations WHERE station IN %s" % marks, chunk):
+                known["keys"][station] = key
+        return known
 
     def _status(self, message):
         try:
@@ -403,16 +600,15 @@ class Ingestor:
     def _update_stations(self, stations):
         # Row locks in name order: concurrent collectors on PostgreSQL serialise per station
         # without deadlocks, and what one reads (gaps, sessions) is current until commit.
-        for station in sorted(stations):
-            update = stations[station]
-            self.store.execute(
+        self.store.executemany(
                 "INSERT INTO stations (station, first_seen, last_seen, status, journal_seq) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (station) DO UPDATE SET "
                 "last_seen = CASE WHEN stations.last_seen IS NULL OR excluded.last_seen > stations.last_seen "
                 "THEN excluded.last_seen ELSE stations.last_seen END, "
                 "status = COALESCE(excluded.status, stations.status), "
                 "journal_seq = COALESCE(excluded.journal_seq, stations.journal_seq)",
-                (station, update.last_seen, update.last_seen, update.status, update.journal_seq))
+                [(station, update.last_seen, update.last_seen, update.status, update.journal_seq)
+                 for station, update in sorted(stations.items())])
 
     def _add_malformed(self, stations):
         for station in sorted(stations):
@@ -432,26 +628,10 @@ class Ingestor:
                      record.payload))
                 if cursor.rowcount != 1:
                     return False
-                if record.type == "session":
-                    self._merge_session(record)
-                elif record.type == "event":
-                    row = record.row
-                    store.execute(
-                        'INSERT INTO events (station, seq, event_number, type, severity, state, start, "end", '
-                        "session_id, values_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (station, seq) DO NOTHING",
-                        (record.station, record.seq, row["event_number"], row["type"], row["severity"],
-                         row["state"], row["start"], row["end"], row["session_id"], row["values_json"]))
-                else:
-                    row = record.row
-                    store.execute(
-                        'INSERT INTO aggregates (station, seq, kind, start, "end", samples, aggregates, '
-                        "energy_wh_start, energy_wh_end, power_min_w, power_avg_w, power_max_w, "
-                        "frequency_avg_hz, covers_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (station, seq) DO NOTHING",
-                        (record.station, record.seq, row["kind"], row["start"], row["end"], row["samples"],
-                         row["aggregates"], row["energy_wh_start"], row["energy_wh_end"], row["power_min_w"],
-                         row["power_avg_w"], row["power_max_w"], row["frequency_avg_hz"], row["covers_seq"]))
+                if record.type == "event":
+                    store.execute(EVENT_INSERT, _event_values(record))
+                elif record.type != "session":  # sessions are merged once the station is locked
+                    store.execute(AGGREGATE_INSERT, _aggregate_values(record))
         except store.data_errors as error:
             log.warning("station %s seq %d: the database refused the record (%s); skipped",
                         record.station, record.seq, error)
@@ -460,13 +640,18 @@ class Ingestor:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def _merge_session(self, record):
+    def _merge_session(self, record, known=None):
         """Fold a start/begin/end record into its session's row: the record with the highest
-        seq gives the values, the start and end records are named by their seqs."""
+        seq gives the values, the start and end records are named by their seqs. ``known``
+        (from ``_sessions_of``) saves the reads, and is kept current."""
         store = self.store
         row = record.row
-        existing = store.query("SELECT seq_last FROM sessions WHERE station = ? AND session_id = ?",
-                               (record.station, row["session_id"]))
+        if known is None:
+            existing = store.query("SELECT seq_last FROM sessions WHERE station = ? AND session_id = ?",
+                                   (record.station, row["session_id"]))
+        else:
+            seq_last = known.get((record.station, row["session_id"]))
+            existing = [] if seq_last is None else [(seq_last,)]
         seq_start = record.seq if row["event"] == "start" else None
         seq_end = record.seq if row["event"] == "end" else None
         if existing and existing[0][0] > record.seq:
@@ -475,7 +660,11 @@ class Ingestor:
                           "WHERE station = ? AND session_id = ?",
                           (seq_start, seq_end, row["plug_in"], record.station, row["session_id"]))
             return
-        key = store.scalar("SELECT public_key_pem FROM stations WHERE station = ?", (record.station,))
+        if known is None:
+            key = store.scalar("SELECT public_key_pem FROM stations WHERE station = ?", (record.station,))
+        else:
+            key = known["keys"][record.station]
+            known[(record.station, row["session_id"])] = record.seq
         values = dict(row)
         values["verified"], values["verify_error"] = verify_session(record.body, record.station, key)
         if values["verify_error"]:
@@ -527,31 +716,38 @@ class Ingestor:
                                   "ORDER BY seq", (station, first, last)):
             self.tracker.accept(station, seq)
 
-    def _seed(self, station):
+    def _seed(self, station, own):
         """Start tracking ``station`` from the database: every seq below its first stored gap
-        is accounted for (the ``gaps`` rows are committed with the records), the rest is read."""
+        is accounted for (the ``gaps`` rows are committed with the records, under the station's
+        row lock), the rest is read. ``own``: the seqs this transaction stored, not yet committed."""
         first_gap = self.store.scalar("SELECT MIN(first_seq) FROM gaps WHERE station = ?", (station,))
         if first_gap is None:
-            accounted = self.store.scalar("SELECT MAX(seq) FROM records WHERE station = ?", (station,)) or 0
+            accounted = 0  # the highest committed seq: the first of the top len(own) + 1 not stored here
+            own = set(own)
+            for (seq,) in self.store.query("SELECT seq FROM records WHERE station = ? ORDER BY seq DESC LIMIT ?",
+                                           (station, len(own) + 1)):
+                if seq not in own:
+                    accounted = seq
+                    break
         else:
             accounted = first_gap - 1
         self.tracker.assume_seen(station, accounted)
         self._load(station, accounted + 1, MAX_SEQ)
 
-    def _update_gaps(self, station, stored):
+    def _update_gaps(self, station, stored, highest_stored, old):
+        """``highest_stored``: the station's highest seq in the database now; ``old``: its
+        ``gaps`` rows."""
         tracker = self.tracker
         for record in sorted(stored, key=lambda r: r.seq):
             tracker.accept(station, record.seq, record.body if record.type == "summary" else None)
-        highest_stored = self.store.scalar("SELECT MAX(seq) FROM records WHERE station = ?", (station,)) or 0
         if highest_stored > tracker.highest(station):
             self._load(station, tracker.highest(station) + 1, highest_stored)
         for first, last in tracker.gaps(station):
             self._load(station, first, last)
-        self._write_gaps(station, tracker.gaps(station))
+        self._write_gaps(station, tracker.gaps(station), old)
 
-    def _write_gaps(self, station, gaps):
+    def _write_gaps(self, station, gaps, old):
         store = self.store
-        old = store.query("SELECT first_seq, last_seq, detected_at FROM gaps WHERE station = ?", (station,))
         if sorted((first, last) for first, last, _ in old) == sorted(gaps):
             return
         now = iso_utc(time.time())

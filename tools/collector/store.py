@@ -39,9 +39,10 @@ JSON text):
 - ``meta``: ``schema_version``.
 
 Several collectors may write to one database: SQLite runs in WAL mode with a busy timeout
-and takes the write lock when a batch starts; on PostgreSQL each batch locks the rows of
-the stations it touches first (in name order), and every insert is ``ON CONFLICT DO
-NOTHING``.
+and takes the write lock when a batch starts; on PostgreSQL each batch inserts its records
+(``ON CONFLICT DO NOTHING``, in key order) and only then locks the rows of the stations it
+stored records of (in name order) for its sessions and gaps, until commit; counters and the
+other stations' rows follow in a short transaction of their own.
 """
 
 import contextlib
@@ -200,6 +201,7 @@ class Store:
         self.failures = failures
         self._connect = connect
         self._in_transaction = False
+        self._formatted = {}  # SQL text -> its psycopg form
 
     def ensure_connected(self):
         """Open a new connection if the server closed this one (PostgreSQL restarted)."""
@@ -207,13 +209,28 @@ class Store:
             self.connection = self._connect(self.url)
 
     def _sql(self, sql):
-        return sql if self.dialect == "sqlite" else format_params(sql)
+        if self.dialect == "sqlite":
+            return sql
+        text = self._formatted.get(sql)
+        if text is None:
+            if len(self._formatted) > 1000:
+                self._formatted.clear()
+            text = self._formatted[sql] = format_params(sql)
+        return text
 
     def execute(self, sql, params=()):
         """Run one statement; returns the cursor (``rowcount``, ``fetchall``)."""
         cursor = self.connection.cursor()
         cursor.execute(self._sql(sql), tuple(params))
         return cursor
+
+    def executemany(self, sql, rows):
+        """Run one statement for each of ``rows`` (psycopg pipelines them: one round trip)."""
+        cursor = self.connection.cursor()
+        try:
+            cursor.executemany(self._sql(sql), rows)
+        finally:
+            cursor.close()
 
     def query(self, sql, params=()):
         """Rows (tuples) of one query."""
@@ -265,6 +282,12 @@ class Store:
 
     def create_schema(self):
         """Create the tables and indexes that are missing (safe with several collectors)."""
+        if self.dialect == "postgresql" and self.scalar("SELECT to_regclass('meta')") is not None \
+                and self.scalar("SELECT value FROM meta WHERE key = 'schema_version'") is not None:
+            # Written with the schema: all of it exists. CREATE INDEX IF NOT EXISTS would still
+            # lock its table against the writes of the collectors already running.
+            self._check_version()
+            return
         with self.transaction():
             if self.dialect == "postgresql":
                 # Concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL's catalog.
@@ -273,6 +296,9 @@ class Store:
                 self.execute(statement)
             self.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
                          "ON CONFLICT (key) DO NOTHING", (str(SCHEMA_VERSION),))
+        self._check_version()
+
+    def _check_version(self):
         version = self.scalar("SELECT value FROM meta WHERE key = 'schema_version'")
         if int(version) != SCHEMA_VERSION:
             raise ValueError("database %s has schema version %s, this collector knows %d"

@@ -15,6 +15,9 @@ poll cycles the stations achieved against their 1 Hz schedule (below 1.0: they c
 keep up).
 
 ``python -m evse_tools.sim.fleet_sim --stations 10 100 500 --duration 20``
+
+Larger fleets (thousands of stations) are ``fleet_replay``'s: these stations' messages
+recorded once and replayed by lighter publishers.
 """
 
 import argparse

@@ -1,6 +1,7 @@
 """A private mosquitto broker on a free loopback port, for the demo, tests and benchmarks."""
 
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,13 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def _raise_fd_limit():
+    """In the broker's process before exec: as many open files as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class Mosquitto:
     """One mosquitto process owned by the caller: start, stop, kill and restart at will.
 
@@ -40,12 +48,14 @@ class Mosquitto:
     """
 
     def __init__(self, port=None, persistence=False, tls_files=None, users=None, bridge_to=None,
-                 bridge_topics=("evse/# in 1",), acl=None):
+                 bridge_topics=("evse/# in 1",), acl=None, max_connections=None):
         """``tls_files``: (ca, cert, key) paths for a TLS listener; ``users``: {name: password}
         to require a login (anonymous clients are then refused); ``bridge_to``: another
         Mosquitto to bridge with, exchanging ``bridge_topics`` (mosquitto ``topic`` lines:
         ``in`` brings that broker's messages here, ``out`` sends ours there); ``acl``: the
-        lines of a mosquitto ``acl_file`` (``user``, ``topic``, ``pattern``) to enforce."""
+        lines of a mosquitto ``acl_file`` (``user``, ``topic``, ``pattern``) to enforce;
+        ``max_connections``: clients it accepts (the broker's open-file limit is raised to
+        the hard limit when it starts, each client holding one descriptor)."""
         self.binary = find_mosquitto()
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -57,6 +67,8 @@ class Mosquitto:
             # A subscriber slower than a replay must not lose QoS 1 messages to mosquitto's
             # default queue of 1000 per client: the tests count every message.
             conf.write("max_queued_messages 1000000\n")
+            if max_connections is not None:
+                conf.write("max_connections %d\n" % max_connections)
             if os.geteuid() == 0:
                 # Keep root's access to this private directory instead of dropping to "mosquitto".
                 conf.write("user root\n")
@@ -93,7 +105,7 @@ class Mosquitto:
 
     def start(self, timeout_s=60):
         """Start the broker and wait until it accepts connections."""
-        self.process = subprocess.Popen([self.binary, "-c", self.config_path],
+        self.process = subprocess.Popen([self.binary, "-c", self.config_path], preexec_fn=_raise_fd_limit,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
