@@ -174,6 +174,12 @@ def run_session(rig, charge_steps, pause_steps, reset_at=None):
 # however much power the last good reading before the NaNs showed.
 @example(charge=[(1, 11040.0, None), (1, 0.0, "nan"), (1, 0.0, "nan")],
          pause=[(1, 0.0, "nan"), (1, 0.0, "nudge")])
+# The power fell while the register read NaN: the larger power over the whole gap (with the
+# ripple allowed) leaves room for the nudge; the mean of the powers explains none of it.
+@example(charge=[(1, 22080.0, None), (2, 0.0, "nan")], pause=[(1, 0.0, "nudge")])
+@example(charge=[(1, 22080.0, None), (3, 22080.0, "nan"), (3, 0.0, "nan")], pause=[(1, 0.0, "nudge")])
+# ... and without a NaN: one long step in which the power fell.
+@example(charge=[(3, 22080.0, None)], pause=[(3, 0.0, "nudge"), (1, 0.0, "nudge")])
 def test_transient_register_faults_bill_exactly_the_true_rise(tmp_path_factory, charge, pause):
     rig = Rig(tmp_path_factory.mktemp("rig"))
     begin_true, end_true = run_session(rig, charge, pause)
