@@ -28,12 +28,10 @@ anchor and that first reading is not billed but stated as ``uncertain_wh`` (an u
 from the largest power measured around it). The record's ``register_delta_wh`` (signed end
 minus begin) equals ``energy_wh`` unless a flag says why not. Readings without a valid
 register (the meter module rejects NaN, negative and absurd values) are never used for energy.
-A rise within those bounds but beyond what the measured powers explain (each step at the
-later power, or at the mean of the two when it fell)
-(``register_unexplained``: the power fell while the register was unreadable, or a step was
-long) is held the same way until it holds for as long as a new level, or until the measured
-power explains it; if the register comes back instead, it was a glitch and the alarm is
-raised and cleared.
+A rise within those bounds but beyond what the measured powers explain without the room for
+ripple (``register_unexplained``) is held the same way, without the alarm, until the powers
+explain it or it holds as long as a new level must (then billed in the same segment); if the
+register comes back instead, it was a glitch and the alarm is raised and cleared.
 
 A begin still wanted while current flows (the car was charging when the agent started:
 ``plugged_in_before_start``; or it began charging before an exact reading came) is taken
@@ -507,9 +505,8 @@ class SessionEngine:
 
     def _unexplained(self, anchor, reading):
         """True when the register rose since ``anchor`` by more than the measured powers
-        explain (each step at the later power, or the mean when it fell; with ``MEASURED_POWER_MARGIN_W``, a rounding Wh and the
-        register's steps): the bound of ``_register_problem`` takes the larger power over
-        each whole step, which a glitch may fit in when the power fell meanwhile."""
+        explain: the bound of ``_register_problem`` without ``MEASURED_POWER_FACTOR``, whose
+        room for ripple over a step at the larger power can hide a glitch after the power fell."""
         if self._explained_wh is None:
             return False
         resolution_wh = (reading.energy_resolution_mwh or 0) / 1000.0
@@ -546,10 +543,8 @@ class SessionEngine:
             return
         step_w = max(previous[1], power_w, 0.0) * MEASURED_POWER_FACTOR + MEASURED_POWER_MARGIN_W
         self._measured_wh += step_w * dt_s / 3600.0
-        # The power a reading shows is what flowed lately; when it fell, the mean of the two.
-        now_w = max(power_w, 0.0)
-        explained_w = max((max(previous[1], 0.0) + now_w) / 2, now_w) + MEASURED_POWER_MARGIN_W
-        self._explained_wh += explained_w * dt_s / 3600.0
+        # The same without the room for ripple: what the readings' powers explain.
+        self._explained_wh += (max(previous[1], power_w, 0.0) + MEASURED_POWER_MARGIN_W) * dt_s / 3600.0
 
     def _set_anchor(self, record, power_w):
         self.anchor = record
