@@ -226,6 +226,38 @@ def test_any_register_sequence_bills_within_the_true_rise(tmp_path_factory, char
         assert set(end["flags"]) & {"register_backwards", "register_jump"}
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ticks=st.lists(st.sampled_from([2, 3, 4, 5]), min_size=1, max_size=20).filter(lambda t: t.count(5) <= 1),
+       idle=st.integers(1, 15))
+# Ahead for longer than a new level must hold: billed once it held.
+@example(ticks=[5] + [4] * 13, idle=1)
+def test_a_register_ticking_ahead_of_its_power_is_billed_in_full(tmp_path_factory, ticks, idle):
+    """A register whose steps run up to a third ahead of the power it shows (10.8 kW, 3 Wh/s),
+    once two thirds, is held only until the power explains it or it holds: billed in full, in one segment,
+    without an anomaly alarm, also when the charge stops while it is ahead."""
+    rig = Rig(tmp_path_factory.mktemp("rig"))
+    rig.inputs("A", False)
+    rig.step(1, 0.0)
+    rig.inputs("B", False)
+    begin_true = rig.true_wh
+    rig.step(1, 0.0)
+    rig.inputs("C", True)
+    for tick in ticks:
+        rig.true_wh += tick - 3  # the step below adds 3 Wh
+        rig.step(1, 10800.0)
+    rig.inputs("B", False)
+    for _ in range(idle):
+        rig.step(1, 0.0)
+    rig.inputs("A", False)
+    for _ in range(int(REGISTER_CONFIRM_S) + REGISTER_CONFIRM_READINGS + 2):
+        rig.step(1, 0.0)
+    (end,) = rig.ends()
+    assert end["energy_wh"] == end["register_delta_wh"] == rig.true_wh - begin_true == sum(ticks)
+    assert end["segments"] == 1 and end["uncertain_wh"] == 0
+    assert not {"register_backwards", "register_jump", "register_suspect"} & set(end["flags"])
+    assert ("meter_register_anomaly", True) not in rig.alarms
+
+
 def test_dip_and_recovery_costs_nothing(tmp_path):
     """N, N-15 Wh, N, ... for 20 s while charging: billed = signed end - begin, one segment."""
     rig = Rig(tmp_path)
