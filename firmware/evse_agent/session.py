@@ -28,6 +28,10 @@ anchor and that first reading is not billed but stated as ``uncertain_wh`` (an u
 from the largest power measured around it). The record's ``register_delta_wh`` (signed end
 minus begin) equals ``energy_wh`` unless a flag says why not. Readings without a valid
 register (the meter module rejects NaN, negative and absurd values) are never used for energy.
+A rise within those bounds but beyond what the measured powers explain without the room for
+ripple (``register_unexplained``) is held the same way, without the alarm, until the powers
+explain it or it holds as long as a new level must (then billed in the same segment); if the
+register comes back instead, it was a glitch and the alarm is raised and cleared.
 
 A begin still wanted while current flows (the car was charging when the agent started:
 ``plugged_in_before_start``; or it began charging before an exact reading came) is taken
@@ -177,6 +181,7 @@ class SessionEngine:
         # summed over every reading since (also those whose register was unusable: their
         # power is still a measurement); None while a gap was not measured.
         self._measured_wh = None
+        self._explained_wh = None  # what the measured powers explain since the anchor (``_unexplained``)
         self._previous_power = None  # (time, power_w) of the latest reading
         self.alarm = None  # alarm(type, active, values): meter_register_anomaly
         self._open_since_ms = None  # monotonic ms since when no current can flow
@@ -453,11 +458,14 @@ class SessionEngine:
         record = _reading_record(reading, self.clock.synced())
         anchor = self.anchor
         problem = None if anchor is None else self._register_problem(anchor, reading, self._measured_wh)
+        if problem is None and anchor is not None and self._unexplained(anchor, reading):
+            problem = "register_unexplained"
         suspect = self.suspect
         if problem is None:
             if suspect is not None:
                 self.suspect = None
-                self._anomaly_over(suspect, "glitch", 0)
+                explained = suspect["problem"] == "register_unexplained" and reading.energy_wh >= suspect["high_wh"]
+                self._anomaly_over(suspect, "explained" if explained else "glitch", 0)
             self._set_anchor(record, reading.power_total)
             return True
         if problem == "meter_replaced":
@@ -468,26 +476,54 @@ class SessionEngine:
             self._set_anchor(record, reading.power_total)
             return True
         if suspect is None or self._register_problem(suspect["last"], reading) is not None:
-            if suspect is None:
-                log.warning("meter register %s: %s -> %s Wh; held until it returns or holds"
-                            % (problem, anchor["energy_wh"], reading.energy_wh))
-                if self.alarm is not None:
-                    self.alarm("meter_register_anomaly", True, {
-                        "problem": problem, "from_wh": anchor["energy_wh"], "to_wh": reading.energy_wh})
+            alarmed = suspect is not None and suspect["alarmed"]
             self.suspect = {"problem": problem, "first": record, "last": record, "count": 1,
-                            "power_w": [reading.power_total]}
+                            "power_w": [reading.power_total], "alarmed": alarmed,
+                            "high_wh": reading.energy_wh}
+            came_back = suspect is not None and reading.energy_wh < suspect["high_wh"]
+            self._raise_anomaly(self.suspect, reading.energy_wh, came_back)
             return False
         suspect["last"] = record
         suspect["count"] += 1
         suspect["power_w"].append(reading.power_total)
+        suspect["high_wh"] = max(suspect["high_wh"], reading.energy_wh)
+        if problem != "register_unexplained":
+            suspect["problem"] = problem  # no longer a plausible rise: a new level if it holds
+            self._raise_anomaly(suspect, reading.energy_wh)
         if suspect["count"] >= REGISTER_CONFIRM_READINGS and \
                 record["time"] - suspect["first"]["time"] >= REGISTER_CONFIRM_S:
             self.suspect = None
+            if suspect["problem"] == "register_unexplained":
+                self._anomaly_over(suspect, "held", 0)  # a plausible rise that held: billed
+                self._set_anchor(record, reading.power_total)
+                return True
             uncertain = self._new_level(suspect["problem"], suspect["first"], suspect["power_w"])
             self._anomaly_over(suspect, "new_level", uncertain)
             self._set_anchor(record, reading.power_total)
             return True
         return False
+
+    def _unexplained(self, anchor, reading):
+        """True when the register rose since ``anchor`` by more than the measured powers
+        explain: the bound of ``_register_problem`` without ``MEASURED_POWER_FACTOR``, whose
+        room for ripple over a step at the larger power can hide a glitch after the power fell."""
+        if self._explained_wh is None:
+            return False
+        resolution_wh = (reading.energy_resolution_mwh or 0) / 1000.0
+        return reading.energy_wh - anchor["energy_wh"] > self._explained_wh + 1 + 2 * resolution_wh
+
+    def _raise_anomaly(self, suspect, to_wh, glitch=False):
+        """Raise ``meter_register_anomaly`` once per suspect; for a rise only unexplained,
+        once it turned out a ``glitch``."""
+        if suspect["alarmed"] or (suspect["problem"] == "register_unexplained" and not glitch):
+            return
+        suspect["alarmed"] = True
+        anchor = self.anchor
+        log.warning("meter register %s: %s -> %s Wh; held until it returns or holds"
+                    % (suspect["problem"], anchor["energy_wh"], to_wh))
+        if self.alarm is not None:
+            self.alarm("meter_register_anomaly", True, {
+                "problem": suspect["problem"], "from_wh": anchor["energy_wh"], "to_wh": to_wh})
 
     def _measure_power(self, reading):
         """Add what the measured power allows over the step since the previous reading: the
@@ -503,14 +539,18 @@ class SessionEngine:
         dt_s = reading.time - previous[0]
         if power_w is None or previous[1] is None or dt_s < 0 or dt_s > REGISTER_CONFIRM_S:
             self._measured_wh = None
+            self._explained_wh = None
             return
         step_w = max(previous[1], power_w, 0.0) * MEASURED_POWER_FACTOR + MEASURED_POWER_MARGIN_W
         self._measured_wh += step_w * dt_s / 3600.0
+        # The same without the room for ripple: what the readings' powers explain.
+        self._explained_wh += (max(previous[1], power_w, 0.0) + MEASURED_POWER_MARGIN_W) * dt_s / 3600.0
 
     def _set_anchor(self, record, power_w):
         self.anchor = record
         self._anchor_power_w = power_w
         self._measured_wh = 0.0
+        self._explained_wh = 0.0
         self._previous_power = (record["time"], power_w)
         for session in self._open_segments():
             session.last_reading = record
@@ -520,6 +560,12 @@ class SessionEngine:
         return [s for s in sessions if s.segments and s.segments[-1]["end"] is None]
 
     def _anomaly_over(self, suspect, outcome, uncertain_wh):
+        if not suspect["alarmed"]:
+            if outcome != "glitch":  # a plausible rise, now explained or held: no anomaly
+                log.info("meter register rise %s -> %s Wh %s" % (
+                    self.anchor["energy_wh"], suspect["last"]["energy_wh"], outcome))
+                return
+            self._raise_anomaly(suspect, suspect["high_wh"], True)  # it came back: a glitch
         log.warning("meter register %s over: %s after %d reading(s)" % (suspect["problem"], outcome, suspect["count"]))
         if self.alarm is not None:
             self.alarm("meter_register_anomaly", False, {

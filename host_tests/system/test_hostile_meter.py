@@ -9,8 +9,9 @@ simulator on a pty, a real broker and the agent as a process.
 Properties: never an exception; the billed energy is never negative and never more than the
 register's true rise; with only transient faults (NaN, infinities, negative, 3e38, a dip, a
 1 GWh jump, for fewer readings than it takes to confirm a new level) it is exactly the true
-rise and the signed end - begin agrees with it (also for a 20 Wh nudge while nothing flows,
-beyond what the measured power allows); a permanent reset is flagged and billed in
+rise and the signed end - begin agrees with it (also for a nudge while nothing flows, of at
+least 20 Wh and beyond what the larger power of each step since the last good register, held
+over the step, could have drawn); a permanent reset is flagged and billed in
 segments, with the unbilled gap stated as ``uncertain_wh``.
 """
 
@@ -27,7 +28,7 @@ from evse_agent.meter_models import SDM630
 from evse_agent.pilot import InputState
 from evse_agent.ports.cpython.fs import FileSystem
 from evse_agent.ports.cpython.signer import FileKeySigner
-from evse_agent.session import REGISTER_CONFIRM_READINGS, REGISTER_CONFIRM_S, SessionEngine
+from evse_agent.session import MEASURED_POWER_MARGIN_W, REGISTER_CONFIRM_READINGS, REGISTER_CONFIRM_S, SessionEngine
 from evse_agent.store import StateStore
 
 EPOCH = 1_750_000_000.0
@@ -105,6 +106,7 @@ class Rig:
         self.engine.alarm = lambda type_, active, values: self.alarms.append((type_, active))
         self.true_wh = START_WH
         self.offset_wh = 0  # a permanent reset shifts what the register shows
+        self.reach_wh = 0.0  # the most the meter's powers allow since the last good register
         self.loop = LOOP
 
     def inputs(self, pilot, closed):
@@ -116,11 +118,17 @@ class Rig:
         self.clock.advance(seconds)
         self.true_wh += int(power_w * seconds) // 3600
         shown = self.true_wh + self.offset_wh
+        # The larger of the two readings' powers may have flowed all the step, plus the margin.
+        self.reach_wh += (max(self.bank.power_w, power_w) + MEASURED_POWER_MARGIN_W) * seconds / 3600.0
+        # A nudge is 20 Wh, or more when the powers since the last good register allow that much.
+        nudge = max(20, int(self.reach_wh) + 3)
+        if fault is None:
+            self.reach_wh = 0.0
         self.bank.power_w = power_w
         self.bank.energy_kwh = {
             None: shown / 1000.0, "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"),
             "negative": -shown / 1000.0, "huge": 3e38, "dip": (shown - 100_000) / 1000.0,
-            "jump": (shown + 10 ** 9) / 1000.0, "zero": 0.0, "nudge": (shown + 20) / 1000.0}[fault]
+            "jump": (shown + 10 ** 9) / 1000.0, "zero": 0.0, "nudge": (shown + nudge) / 1000.0}[fault]
         reading = self.loop.run_until_complete(self.meter.read())
         assert reading is not None
         self.engine.on_reading(reading)
@@ -131,7 +139,7 @@ class Rig:
 
 step_st = st.tuples(st.sampled_from([1, 2, 3]), st.sampled_from([0.0, 3680.0, 11040.0, 22080.0]),
                     st.one_of(st.none(), st.none(), st.sampled_from(FAULTS)))
-# While nothing flows, 20 Wh more is beyond what the measured power (0 W) allows.
+# While nothing flows, a nudge is beyond what the powers measured since the last good register allow.
 idle_step_st = st.tuples(st.sampled_from([1, 2, 3]), st.just(0.0),
                          st.one_of(st.none(), st.none(), st.sampled_from(FAULTS + ("nudge",))))
 
@@ -174,6 +182,12 @@ def run_session(rig, charge_steps, pause_steps, reset_at=None):
 # however much power the last good reading before the NaNs showed.
 @example(charge=[(1, 11040.0, None), (1, 0.0, "nan"), (1, 0.0, "nan")],
          pause=[(1, 0.0, "nan"), (1, 0.0, "nudge")])
+# The power fell while the register read NaN: 1.5 x the larger power over the gap leaves
+# room for 20 Wh, the larger power without the room for ripple does not.
+@example(charge=[(1, 22080.0, None), (2, 0.0, "nan")], pause=[(1, 0.0, "nudge")])
+@example(charge=[(1, 22080.0, None), (3, 22080.0, "nan"), (3, 0.0, "nan")], pause=[(1, 0.0, "nudge")])
+# ... and without a NaN: one long step in which the power fell.
+@example(charge=[(3, 22080.0, None)], pause=[(3, 0.0, "nudge"), (1, 0.0, "nudge")])
 def test_transient_register_faults_bill_exactly_the_true_rise(tmp_path_factory, charge, pause):
     rig = Rig(tmp_path_factory.mktemp("rig"))
     begin_true, end_true = run_session(rig, charge, pause)
@@ -210,6 +224,38 @@ def test_any_register_sequence_bills_within_the_true_rise(tmp_path_factory, char
     if end["segments"] > 1:
         assert end["register_delta_wh"] != end["energy_wh"] or end["uncertain_wh"] >= 0
         assert set(end["flags"]) & {"register_backwards", "register_jump"}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ticks=st.lists(st.sampled_from([2, 3, 4, 5]), min_size=1, max_size=20).filter(lambda t: t.count(5) <= 1),
+       idle=st.integers(1, 15))
+# Ahead for longer than a new level must hold: billed once it held.
+@example(ticks=[5] + [4] * 13, idle=1)
+def test_a_register_ticking_ahead_of_its_power_is_billed_in_full(tmp_path_factory, ticks, idle):
+    """A register whose steps run up to a third ahead of the power it shows (10.8 kW, 3 Wh/s),
+    once two thirds, is held only until the power explains it or it holds: billed in full, in one segment,
+    without an anomaly alarm, also when the charge stops while it is ahead."""
+    rig = Rig(tmp_path_factory.mktemp("rig"))
+    rig.inputs("A", False)
+    rig.step(1, 0.0)
+    rig.inputs("B", False)
+    begin_true = rig.true_wh
+    rig.step(1, 0.0)
+    rig.inputs("C", True)
+    for tick in ticks:
+        rig.true_wh += tick - 3  # the step below adds 3 Wh
+        rig.step(1, 10800.0)
+    rig.inputs("B", False)
+    for _ in range(idle):
+        rig.step(1, 0.0)
+    rig.inputs("A", False)
+    for _ in range(int(REGISTER_CONFIRM_S) + REGISTER_CONFIRM_READINGS + 2):
+        rig.step(1, 0.0)
+    (end,) = rig.ends()
+    assert end["energy_wh"] == end["register_delta_wh"] == rig.true_wh - begin_true == sum(ticks)
+    assert end["segments"] == 1 and end["uncertain_wh"] == 0
+    assert not {"register_backwards", "register_jump", "register_suspect"} & set(end["flags"])
+    assert ("meter_register_anomaly", True) not in rig.alarms
 
 
 def test_dip_and_recovery_costs_nothing(tmp_path):
