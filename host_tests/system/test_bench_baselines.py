@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from evse_agent.meter_models import MODELS, SDM630
 from evse_agent.registers import FLOAT32, FN_READ_HOLDING, FN_READ_INPUT, UINT16, Register, plan_requests
-from evse_tools import bench_wire
+from evse_tools.bench import wire as bench_wire
 from evse_tools.bench.bridge import BRIDGE_VENV, bridge_config
 from evse_tools.bench.latency import Arrivals
 

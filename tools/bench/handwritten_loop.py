@@ -2,7 +2,7 @@
 
 What a user would write without the agent: pymodbus's serial client reads the meter's
 measurement registers (one request per run of adjacent registers, as a reader without a
-planner would; the runs come from ``bench_wire``, not the agent's planner), decodes them,
+planner would; the runs come from ``bench/wire.py``, not the agent's planner), decodes them,
 and paho-mqtt publishes one JSON message per poll. No sessions, journal, signing, events
 or inputs. Run as its own process so its CPU and memory can be
 measured: ``python -m evse_tools.bench.handwritten_loop --port DEV --broker-port N``.

@@ -5,7 +5,7 @@ fail (the machines are shared and noisy) -- read the ratios. ``--quick`` shorten
 
 - Modbus requests and bytes per poll cycle of each meter map, counted on the line by a
   frame-counting relay, against a naive reader (one pymodbus request per value, its own
-  process, the same relay) and against the bytes the map needs (``bench_wire``: the
+  process, the same relay) and against the bytes the map needs (``bench/wire.py``: the
   cheapest reads the map's limits allow, computed apart from the agent's planner);
 - poll cycle time over a pty link that paces bytes at 9600 and 38400 baud, against
   pymodbus's serial client doing the map's minimal reads through the same relay, and

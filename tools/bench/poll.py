@@ -199,7 +199,7 @@ def micropython_poll(model_name, baudrate, cycles, timeout_s=300, hold=False, lo
 
 def micropython_cycle_figures(cpython_figures, model_name="sdm630", baudrates=(9600, 38400), cycles=40):
     """The MicroPython unix port's poll cycle per baud rate, beside the wire time of the
-    map's minimal reads (``bench_wire``) and the CPython median of the same run."""
+    map's minimal reads (``bench/wire.py``) and the CPython median of the same run."""
     minimal = bench_wire.minimal_reads(MODELS[model_name])
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     figures = []
