@@ -19,6 +19,8 @@ class Publisher:
 
     def __init__(self):
         self.sent = []
+        self.connected = True  # one connection, never lost
+        self.connects = 1
 
     def publish(self, topic, payload, qos=0, retain=False):
         self.sent.append((topic, payload, qos, retain))

@@ -143,6 +143,8 @@ class Publisher:
     def __init__(self):
         self.counts = {}
         self.sessions = []
+        self.connected = True  # one connection, never lost
+        self.connects = 1
         self._next = 1
         self._acked = []
 
