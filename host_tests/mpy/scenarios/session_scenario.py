@@ -70,6 +70,8 @@ def station_config(root, station_id):
         "journal": {"dir": root + "/journal", "max_bytes": 65536, "reserve_bytes": 8192,
                     "segment_bytes": 8192, "aggregate_interval_s": 10, "window": 8},
         "session": {"state_dir": root + "/state"},
+        # The scenario measures a session's data; discovery's configs have their own scenario.
+        "homeassistant": {"enabled": False},
     })
 
 
