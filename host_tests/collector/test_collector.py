@@ -8,14 +8,19 @@ subscription writing to one database, and collect through a bridged second broke
 """
 
 import json
+import logging
+import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import pytest
@@ -136,6 +141,9 @@ class FleetStation:
 
     def telemetry(self):
         self.outbox.post(self.topics.telemetry, {"ts": iso_utc(self.clock.time()), "power_total_w": 0.0})
+
+    def state(self):
+        self.outbox.post(self.topics.state, {"pilot": "A", "charging": False})
 
     @property
     def written(self):
@@ -353,7 +361,7 @@ def test_every_record_type_is_stored_once_and_sessions_verify(broker, stations, 
     station.event()
     station.idle(25)
     station.session(charge_s=5)
-    station.telemetry()
+    station.state()
     station.flush()
     written = station.written
     wait_until(lambda: len(stored_seqs(db_url, "st-1")) == written, what="all records stored")
@@ -376,7 +384,7 @@ def test_every_record_type_is_stored_once_and_sessions_verify(broker, stations, 
     assert power[0][0] == 10800.0 and 0 < power[0][1] <= 51
     assert rows(db_url, "SELECT * FROM gaps") == []
     wait_until(lambda: scalar(db_url, "SELECT journal_seq FROM stations WHERE station = 'st-1'") == written,
-               what="the telemetry's journal_seq")
+               what="the state message's journal_seq")
     assert scalar(db_url, "SELECT status FROM stations WHERE station = 'st-1'") == "online"
     assert counter(db_url, "stored") == written and counter(db_url, "duplicates") == 0
     assert counter(db_url, "malformed") == 0
@@ -409,6 +417,25 @@ def test_redelivered_and_out_of_order_records_are_stored_once_and_gaps_tracked(b
     assert rows(db_url, "SELECT kind, aggregates, covers_seq FROM aggregates WHERE seq = 9") == [
         ("summary", 2, "[[4, 4], [6, 6]]")]
     assert stored_seqs(db_url, "st-2") == [1, 2, 3, 5, 7, 8, 9]
+
+
+def test_a_lasting_gap_is_logged_and_a_passing_one_is_not(broker, raw, collector, db_url, caplog):
+    """A hole closed before the report interval (a late record, or a share-group neighbour's
+    batch) is not logged; one still open after it is, with the stations and records missing."""
+    caplog.set_level(logging.WARNING, logger="evse.collector")
+    service = collector(broker)
+    raw.publish("evse/st-8/aggregate", aggregate("st-8", 1, 0))
+    raw.publish("evse/st-8/aggregate", aggregate("st-8", 3, 0))
+    wait_until(lambda: stored_seqs(db_url, "st-8") == [1, 3], what="the records around the hole")
+    raw.publish("evse/st-8/aggregate", aggregate("st-8", 2, 0))  # late: the hole closes
+    raw.publish("evse/st-8/aggregate", aggregate("st-8", 6, 0))  # a new hole of 4..5 that stays
+    wait_until(lambda: stored_seqs(db_url, "st-8") == [1, 2, 3, 6], what="the late record")
+    assert rows(db_url, "SELECT first_seq, last_seq FROM gaps WHERE station = 'st-8'") == [(4, 5)]
+    assert not [r for r in caplog.records if "st-8" in r.getMessage() or "miss" in r.getMessage()]
+    service.gap_report_s = 0.2  # from the next report on
+    service._next_gap_report = 0
+    wait_until(lambda: any("1 station(s) miss 2 record(s)" in r.getMessage() for r in caplog.records),
+               what="the lasting gap's report")
 
 
 def test_a_restarted_collector_takes_up_the_gaps_from_the_database(db_url):
@@ -490,7 +517,7 @@ def test_malformed_messages_are_counted_and_skipped(broker, raw, collector, db_u
         ("evse/st-5/session", {"event": "end", "station": "st-5", "seq": 5}),  # no session_id
         ("evse/st-5/event", {"type": 7, "station": "st-5", "seq": 6}),  # type not text
         ("evse/st-5/status", b"maybe"),
-        ("evse/st-5/telemetry", b"\xff\xfe"),
+        ("evse/st-5/state", b"\xff\xfe"),
         ("evse/st-5/session", '{"event": "start", "session_id": "\\ud800", "station": "st-5", "seq": 7}'),
         ("evse/st-5/aggregate", "[" * 100000 + "]" * 100000),
     ]
@@ -499,15 +526,44 @@ def test_malformed_messages_are_counted_and_skipped(broker, raw, collector, db_u
         raw.publish(topic, payload)
         good += 1
         raw.publish("evse/st-5/aggregate", aggregate("st-5", 100 + number, number))
-    raw.publish("evse/st-5/selftest", b"probe")  # the console's round trip: not ours
-    wait_until(lambda: counter(db_url, "received") == len(bad) + good + 1, what="every message")
+    raw.publish("evse/st-5/selftest", b"probe")  # the console's round trip: not subscribed
+    raw.publish("evse/st-5/telemetry", b"\xff\xfe")  # live values: not subscribed either
+    raw.publish("evse/st-5/aggregate", aggregate("st-5", 150, 0))
+    good += 1
+    # one writer stores and counts batches in order: once the last is counted, so is all before it
+    wait_until(lambda: counter(db_url, "received") >= len(bad) + good and 150 in stored_seqs(db_url, "st-5"),
+               what="the record after the unsubscribed channels")
+    assert counter(db_url, "received") == len(bad) + good
     assert counter(db_url, "malformed") == len(bad)
-    assert counter(db_url, "ignored") == 1
-    assert stored_seqs(db_url, "st-5") == list(range(100, 100 + good))
+    assert counter(db_url, "ignored") == 0
+    assert stored_seqs(db_url, "st-5") == list(range(100, 100 + good - 1)) + [150]
     assert scalar(db_url, "SELECT malformed FROM stations WHERE station = 'st-5'") == len(bad)
     assert service.totals.malformed == len(bad)
     raw.publish("evse/st-5/aggregate", aggregate("st-5", 200, 0))  # still collecting
     wait_until(lambda: 200 in stored_seqs(db_url, "st-5"), what="a record after the garbage")
+
+
+def test_a_session_holding_the_whole_prefix_is_narrowed_to_the_stored_channels(broker, raw, collector, db_url):
+    """A broker session made when the collector subscribed to every channel (``evse/+/#``)
+    is resumed: the old filter is dropped, so telemetry no longer reaches the collector."""
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 3600
+    former = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, client_id="collector-former",
+                         protocol=paho.MQTTv5)
+    former.connect(broker.host, broker.port, 30, clean_start=False, properties=properties)
+    former.loop_start()
+    subscribed = threading.Event()
+    former.on_subscribe = lambda *args: subscribed.set()
+    former.subscribe("evse/+/#", qos=1)
+    assert subscribed.wait(30)
+    former.disconnect()
+    former.loop_stop()
+    collector(broker, client_id="collector-former")
+    raw.publish("evse/st-7/telemetry", {"power_total_w": 1.0, "station": "st-7"})
+    raw.publish("evse/st-7/aggregate", aggregate("st-7", 1, 0))
+    wait_until(lambda: counter(db_url, "received") >= 1 and stored_seqs(db_url, "st-7") == [1],
+               what="the aggregate")
+    assert counter(db_url, "received") == 1 and counter(db_url, "live") == 0
 
 
 # -- scale: restarts, shared subscriptions, bridges ----------------------------------------------------------
@@ -646,6 +702,45 @@ def test_a_record_the_database_refuses_is_skipped_alone(postgres_cluster):
         assert store.query("SELECT seq, type FROM events ORDER BY seq") == [(1, "meter_offline"), (3, "meter_online")]
         assert store.query("SELECT first_seq, last_seq FROM gaps") == [(2, 2)]
         assert store.scalar("SELECT malformed FROM stations WHERE station = 'st-1'") == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(plan=st.data())
+def test_session_rows_are_the_newest_record_whatever_the_order_and_batches(plan):
+    """Start, begin and end records of several sessions delivered in any order, in batches of
+    any size, some twice: each ``sessions`` row holds the values of its highest-seq record and
+    the seqs of its start and end records, as if they had come one by one in order."""
+    records = []
+    seq = 0
+    for number in range(plan.draw(st.integers(1, 3), label="sessions")):
+        session_id = "st-1-%06d" % (number + 1)
+        events = plan.draw(st.sets(st.sampled_from(("start", "begin", "end")), min_size=1), label="events")
+        for event in ("start", "begin", "end"):
+            seq += 1  # a record not delivered leaves its seq unused
+            if event in events:
+                records.append({"station": "st-1", "seq": seq, "event": event, "session_id": session_id,
+                                "plug_in": "2026-11-01T00:%02d:00.000Z" % number, "energy_wh": seq * 10,
+                                "flags": [event], "ts": "2026-11-01T01:00:00.000Z"})
+    delivered = plan.draw(st.permutations(records), label="order")
+    delivered += plan.draw(st.lists(st.sampled_from(records), max_size=3), label="redelivered")
+    with tempfile.TemporaryDirectory() as directory:
+        url = os.path.join(directory, "fleet.db")
+        with open_store(url) as store:
+            ingestor = Ingestor(store)
+            while delivered:
+                size = plan.draw(st.integers(1, len(delivered)), label="batch")
+                batch, delivered = delivered[:size], delivered[size:]
+                ingestor.store_batch([Message("evse/st-1/session", json.dumps(body).encode()) for body in batch])
+            found = store.query("SELECT session_id, seq_start, seq_end, seq_last, energy_wh, plug_in, flags "
+                                "FROM sessions ORDER BY session_id")
+    expected = []
+    for session_id in sorted({body["session_id"] for body in records}):
+        mine = [body for body in records if body["session_id"] == session_id]
+        newest = max(mine, key=lambda body: body["seq"])
+        seqs = {body["event"]: body["seq"] for body in mine}
+        expected.append((session_id, seqs.get("start"), seqs.get("end"), newest["seq"], newest["energy_wh"],
+                         newest["plug_in"], json.dumps(newest["flags"])))
+    assert found == expected
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -113,6 +113,20 @@ def test_shared_group_stores_every_record_once(scripts, postgres_url, tmp_path):
     assert exactly_once(acked_again, postgres_url)[3] == figures["stored"]  # the check can fail
 
 
+def test_a_drained_backlog_is_stored_once_and_timed_from_the_drain(scripts, tmp_path):
+    """The ingest runs' backlog: a group of 2 held stopped while 40 stations publish at 10x,
+    then continued. Every acknowledged record is stored once; the span timed is the drain's
+    (shorter than the publishing), and the collectors were stopped meanwhile (nothing stored
+    until they were continued)."""
+    figures = run_collected(scripts, str(tmp_path / "drain.db"), 2, 40, 4.0, str(tmp_path), 10.0, backlog=True)
+    assert figures["published"] > 50 and figures["backlog"]
+    assert (figures["lost"], figures["duplicated"], figures["extra"]) == (0, 0, 0)
+    assert figures["stored"] == figures["published"]
+    assert 0 < figures["delivered"] < figures["messages"]  # the telemetry is not subscribed
+    assert figures["records_per_s"] > figures["published"] / figures["publish_s"]
+    assert figures["stored_while_stopped"] == 0 and figures["collectors_cpu_pct"] > 0
+
+
 def test_exactly_once_check_sees_a_lost_record(tmp_path):
     """The bench's check against a store missing one acknowledged record and holding one too many."""
     db = str(tmp_path / "fleet.db")

@@ -29,6 +29,7 @@ import time
 from evse_agent.messages import iso_utc
 from evse_tools.collector.consumer import SequenceTracker
 
+from .store import chunked
 from .verify import verify_session
 
 log = logging.getLogger("evse.collector")
@@ -37,6 +38,11 @@ JOURNALED_CHANNELS = ("session", "event", "aggregate")
 LIVE_CHANNELS = ("telemetry", "meter", "state")
 STATUS_CHANNEL = "status"
 STATUS_VALUES = ("online", "offline")
+# The channels the collector subscribes to: the records it stores, and what keeps a
+# station's row current (status; state and meter carry journal_seq, meter at least every
+# status_interval_s). Telemetry, the live values of every poll and about 70 % of a
+# station's messages, carries nothing the collector keeps.
+SUBSCRIBED_CHANNELS = JOURNALED_CHANNELS + (STATUS_CHANNEL, "state", "meter")
 SESSION_EVENTS = ("start", "begin", "end")
 MAX_SEQ = (1 << 63) - 1
 # A station journals a few records a minute; ten million ahead of what is stored is years of
@@ -277,15 +283,15 @@ def parse_record(station, channel, message):
 # -- storing -------------------------------------------------------------------------------
 
 # Rows per multi-row statement: below SQLite's 32766 and PostgreSQL's 65535 parameters.
-BULK_ROWS = 1000
+BULK_ROWS = 1024
 
+# The heads of the rows' inserts (Store.insert_rows adds the values; a duplicate key is no error).
 EVENT_INSERT = ('INSERT INTO events (station, seq, event_number, type, severity, state, start, "end", '
-                "session_id, values_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (station, seq) DO NOTHING")
+                "session_id, values_json)")
 AGGREGATE_INSERT = ('INSERT INTO aggregates (station, seq, kind, start, "end", samples, aggregates, '
                     "energy_wh_start, energy_wh_end, power_min_w, power_avg_w, power_max_w, "
-                    "frequency_avg_hz, covers_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (station, seq) DO NOTHING")
+                    "frequency_avg_hz, covers_seq)")
+SKIP_DUPLICATE = "ON CONFLICT (station, seq) DO NOTHING"
 
 
 def _event_values(record):
@@ -345,7 +351,8 @@ class Ingestor:
                 # records' key is all exactly-once needs, and a share group's collectors (each
                 # holding records of most stations) insert side by side instead of in turns.
                 # The plausibility bound reads the committed highest seq, never above the current one.
-                accepted = self._plausible(records, self._highest(record_stations), stations, result)
+                committed = self._highest(record_stations)
+                accepted = self._plausible(records, dict(committed), stations, result)
                 # In key order: two collectors given the same records (a redelivery) wait for
                 # each other's keys one way only, never in a cycle.
                 accepted.sort(key=lambda record: (record.station, record.seq))
@@ -354,24 +361,16 @@ class Ingestor:
                 # deadlocks). Whoever commits a station's records holds its row, so the last to
                 # lock it sees every committed record: sessions, gaps and seeds read current state.
                 self._update_stations(stations)
-                by_station = {}
-                for record in stored:
-                    by_station.setdefault(record.station, []).append(record)
-                for station in record_stations:
-                    if station not in self.tracker.stations:
-                        touched.add(station)
-                        self._seed(station, [record.seq for record in by_station.get(station, [])])
+                new = [station for station in record_stations if station not in self.tracker.stations]
+                touched.update(new)
+                self._seed(new, committed)
                 stored = self._merge_sessions(stored, stations, result)
                 by_station = {}
                 for record in stored:
                     touched.add(record.station)
                     by_station.setdefault(record.station, []).append(record)
-                stored_highest = self._highest(sorted(touched))
                 self._add_malformed(stations)
-                old_gaps = self._gaps_of(sorted(touched))
-                for station in sorted(touched):
-                    self._update_gaps(station, by_station.get(station, []), stored_highest.get(station) or 0,
-                                      old_gaps.get(station, []))
+                self._update_gaps(sorted(touched), by_station)
                 if not postgresql:
                     self._count(result)
         except BaseException:
@@ -464,9 +463,7 @@ class Ingestor:
             return stored
         try:
             with self.store.savepoint("sessions"):
-                known = self._sessions_of(sessions)
-                for record in sessions:
-                    self._merge_session(record, known)
+                self._merge_all(sessions, self._sessions_of(sessions))
             return stored
         except self.store.data_errors as error:
             log.warning("the sessions of a batch were refused (%s); merging them one at a time", error)
@@ -486,8 +483,7 @@ class Ingestor:
         return [record for record in stored if (record.station, record.seq) not in refused]
 
     def _in_chunks(self, stations):
-        for i in range(0, len(stations), BULK_ROWS):
-            chunk = stations[i:i + BULK_ROWS]
+        for chunk in chunked(stations, BULK_ROWS):
             yield chunk, "(%s)" % ", ".join("?" * len(chunk))
 
     def _highest(self, stations):
@@ -538,24 +534,16 @@ class Ingestor:
 
     def _insert_all(self, records):
         store = self.store
-        new = set()
-        for i in range(0, len(records), BULK_ROWS):
-            chunk = records[i:i + BULK_ROWS]
-            params = []
-            for record in chunk:
-                params.extend((record.station, record.seq, record.type, record.ts, record.received_at,
-                               record.payload))
-            new.update(tuple(row) for row in store.query(
-                "INSERT INTO records (station, seq, type, ts, received_at, payload) VALUES %s "
-                "ON CONFLICT (station, seq) DO NOTHING RETURNING station, seq"
-                % ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)), params))
+        new = set(store.insert_rows(
+            "INSERT INTO records (station, seq, type, ts, received_at, payload)",
+            [(record.station, record.seq, record.type, record.ts, record.received_at, record.payload)
+             for record in records],
+            SKIP_DUPLICATE + " RETURNING station, seq"))
         stored = [record for record in records if (record.station, record.seq) in new]
-        events = [record for record in stored if record.type == "event"]
-        if events:
-            store.executemany(EVENT_INSERT, [_event_values(record) for record in events])
-        aggregates = [record for record in stored if record.type in ("aggregate", "summary")]
-        if aggregates:
-            store.executemany(AGGREGATE_INSERT, [_aggregate_values(record) for record in aggregates])
+        events = [_event_values(record) for record in stored if record.type == "event"]
+        store.insert_rows(EVENT_INSERT, events, SKIP_DUPLICATE)
+        aggregates = [_aggregate_values(record) for record in stored if record.type in ("aggregate", "summary")]
+        store.insert_rows(AGGREGATE_INSERT, aggregates, SKIP_DUPLICATE)
         return stored
 
     def _sessions_of(self, records):
@@ -564,16 +552,12 @@ class Ingestor:
         stations = sorted({record.station for record in records})
         wanted = sorted({(record.station, record.row["session_id"]) for record in records})
         known = {"keys": dict.fromkeys(stations)}
-        for i in range(0, len(wanted), BULK_ROWS // 2):
-            pairs = wanted[i:i + BULK_ROWS // 2]
-            names = sorted({station for station, _ in pairs})
-            ids = sorted({session_id for _, session_id in pairs})
-            wanted_set = set(pairs)
+        for pairs in chunked(wanted, BULK_ROWS):
             for station, session_id, seq_last in self.store.query(
-                    "SELECT station, session_id, seq_last FROM sessions WHERE station IN (%s) AND session_id IN (%s)"
-                    % (", ".join("?" * len(names)), ", ".join("?" * len(ids))), names + ids):
-                if (station, session_id) in wanted_set:
-                    known[(station, session_id)] = seq_last
+                    "WITH wanted (station, session_id) AS (VALUES %s) SELECT s.station, s.session_id, s.seq_last "
+                    "FROM sessions s JOIN wanted w ON s.station = w.station AND s.session_id = w.session_id"
+                    % ", ".join(["(?, ?)"] * len(pairs)), [value for pair in pairs for value in pair]):
+                known[(station, session_id)] = seq_last
         for chunk, marks in self._in_chunks(stations):
             for station, key in self.store.query(
                     "SELECT station, public_key_pem FROM stations WHERE station IN %s" % marks, chunk):
@@ -600,15 +584,16 @@ class Ingestor:
     def _update_stations(self, stations):
         # Row locks in name order: concurrent collectors on PostgreSQL serialise per station
         # without deadlocks, and what one reads (gaps, sessions) is current until commit.
-        self.store.executemany(
-                "INSERT INTO stations (station, first_seen, last_seen, status, journal_seq) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (station) DO UPDATE SET "
+        # PostgreSQL takes a multi-row statement's rows in the order of its VALUES.
+        self.store.insert_rows(
+                "INSERT INTO stations (station, first_seen, last_seen, status, journal_seq)",
+                [(station, update.last_seen, update.last_seen, update.status, update.journal_seq)
+                 for station, update in sorted(stations.items())],
+                "ON CONFLICT (station) DO UPDATE SET "
                 "last_seen = CASE WHEN stations.last_seen IS NULL OR excluded.last_seen > stations.last_seen "
                 "THEN excluded.last_seen ELSE stations.last_seen END, "
                 "status = COALESCE(excluded.status, stations.status), "
-                "journal_seq = COALESCE(excluded.journal_seq, stations.journal_seq)",
-                [(station, update.last_seen, update.last_seen, update.status, update.journal_seq)
-                 for station, update in sorted(stations.items())])
+                "journal_seq = COALESCE(excluded.journal_seq, stations.journal_seq)")
 
     def _add_malformed(self, stations):
         for station in sorted(stations):
@@ -629,9 +614,9 @@ class Ingestor:
                 if cursor.rowcount != 1:
                     return False
                 if record.type == "event":
-                    store.execute(EVENT_INSERT, _event_values(record))
+                    store.insert_rows(EVENT_INSERT, [_event_values(record)], SKIP_DUPLICATE)
                 elif record.type != "session":  # sessions are merged once the station is locked
-                    store.execute(AGGREGATE_INSERT, _aggregate_values(record))
+                    store.insert_rows(AGGREGATE_INSERT, [_aggregate_values(record)], SKIP_DUPLICATE)
         except store.data_errors as error:
             log.warning("station %s seq %d: the database refused the record (%s); skipped",
                         record.station, record.seq, error)
@@ -640,18 +625,51 @@ class Ingestor:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def _merge_session(self, record, known=None):
-        """Fold a start/begin/end record into its session's row: the record with the highest
-        seq gives the values, the start and end records are named by their seqs. ``known``
-        (from ``_sessions_of``) saves the reads, and is kept current."""
+    def _merge_all(self, records, known):
+        """Fold a batch's session records into their rows, as ``_merge_session`` would one by
+        one, in multi-row upserts: per session, the batch's record with the highest seq gives
+        the values when it is newer than the row's (and only it is verified); start and end
+        records give their seqs. ``known``: what ``_sessions_of`` read."""
+        folded = {}
+        for record in sorted(records, key=lambda r: r.seq):
+            entry = folded.setdefault((record.station, record.row["session_id"]), [None, None, None])
+            if record.row["event"] == "start":
+                entry[0] = record.seq
+            elif record.row["event"] == "end":
+                entry[1] = record.seq
+            entry[2] = record
+        rows = []
+        for (station, session_id), (seq_start, seq_end, record) in sorted(folded.items()):
+            values = dict(record.row, verified=None, verify_error=None)
+            seq_last = known.get((station, session_id))
+            if seq_last is None or record.seq > seq_last:
+                values["verified"], values["verify_error"] = verify_session(record.body, station,
+                                                                            known["keys"][station])
+                if values["verify_error"]:
+                    log.warning("session %s of station %s not verified: %s", session_id, station,
+                                values["verify_error"])
+                known[(station, session_id)] = record.seq
+            rows.append((station, session_id, seq_start, seq_end, record.seq)
+                        + tuple(values[c] for c in SESSION_COLUMNS))
+        newer = "excluded.seq_last > sessions.seq_last"
+        kept = ["%s = CASE WHEN %s THEN excluded.%s ELSE sessions.%s END" % (c, newer, c, c)
+                for c in ("seq_last",) + SESSION_COLUMNS if c != "plug_in"]
+        self.store.insert_rows(
+            "INSERT INTO sessions (station, session_id, seq_start, seq_end, seq_last, %s)" % ", ".join(SESSION_COLUMNS),
+            rows, "ON CONFLICT (station, session_id) DO UPDATE SET "
+            "seq_start = COALESCE(excluded.seq_start, sessions.seq_start), "
+            "seq_end = COALESCE(excluded.seq_end, sessions.seq_end), "
+            "plug_in = CASE WHEN %s THEN excluded.plug_in ELSE COALESCE(sessions.plug_in, excluded.plug_in) END, "
+            "%s" % (newer, ", ".join(kept)))
+
+    def _merge_session(self, record):
+        """Fold one start/begin/end record into its session's row (the one-by-one fallback
+        of ``_merge_all``, which it agrees with): the record with the highest seq gives the
+        values, the start and end records are named by their seqs."""
         store = self.store
         row = record.row
-        if known is None:
-            existing = store.query("SELECT seq_last FROM sessions WHERE station = ? AND session_id = ?",
-                                   (record.station, row["session_id"]))
-        else:
-            seq_last = known.get((record.station, row["session_id"]))
-            existing = [] if seq_last is None else [(seq_last,)]
+        existing = store.query("SELECT seq_last FROM sessions WHERE station = ? AND session_id = ?",
+                               (record.station, row["session_id"]))
         seq_start = record.seq if row["event"] == "start" else None
         seq_end = record.seq if row["event"] == "end" else None
         if existing and existing[0][0] > record.seq:
@@ -660,11 +678,7 @@ class Ingestor:
                           "WHERE station = ? AND session_id = ?",
                           (seq_start, seq_end, row["plug_in"], record.station, row["session_id"]))
             return
-        if known is None:
-            key = store.scalar("SELECT public_key_pem FROM stations WHERE station = ?", (record.station,))
-        else:
-            key = known["keys"][record.station]
-            known[(record.station, row["session_id"])] = record.seq
+        key = store.scalar("SELECT public_key_pem FROM stations WHERE station = ?", (record.station,))
         values = dict(row)
         values["verified"], values["verify_error"] = verify_session(record.body, record.station, key)
         if values["verify_error"]:
@@ -705,60 +719,89 @@ class Ingestor:
 
     # -- gaps -------------------------------------------------------------------------------
 
-    def _load(self, station, first, last):
-        """Feed the tracker what the database holds for ``station`` in [first, last]."""
+    def _load(self, ranges):
+        """Feed the tracker what the database holds in ``ranges`` [(station, first, last)]:
+        one query per ``BULK_ROWS`` ranges for the summaries, one for the records."""
         store = self.store
-        for seq, covers in store.query(
-                "SELECT seq, covers_seq FROM aggregates WHERE station = ? AND kind = 'summary' "
-                "AND seq BETWEEN ? AND ? ORDER BY seq", (station, first, last)):
+        summaries, seqs = [], []
+        for chunk in chunked(ranges, BULK_ROWS):
+            wanted = "WITH wanted (station, first_seq, last_seq) AS (VALUES %s) " % ", ".join(
+                ["(?, ?, ?)"] * len(chunk))
+            params = [value for wanted_range in chunk for value in wanted_range]
+            summaries.extend(store.query(
+                wanted + "SELECT a.station, a.seq, a.covers_seq FROM aggregates a JOIN wanted w "
+                "ON a.station = w.station AND a.seq BETWEEN w.first_seq AND w.last_seq "
+                "WHERE a.kind = 'summary' ORDER BY a.station, a.seq", params))
+            seqs.extend(store.query(
+                wanted + "SELECT r.station, r.seq FROM records r JOIN wanted w "
+                "ON r.station = w.station AND r.seq BETWEEN w.first_seq AND w.last_seq", params))
+        for station, seq, covers in summaries:
             self.tracker.accept(station, seq, {"kind": "summary", "covers_seq": json.loads(covers)})
-        for (seq,) in store.query("SELECT seq FROM records WHERE station = ? AND seq BETWEEN ? AND ? "
-                                  "ORDER BY seq", (station, first, last)):
+        for station, seq in seqs:
             self.tracker.accept(station, seq)
 
-    def _seed(self, station, own):
-        """Start tracking ``station`` from the database: every seq below its first stored gap
-        is accounted for (the ``gaps`` rows are committed with the records, under the station's
-        row lock), the rest is read. ``own``: the seqs this transaction stored, not yet committed."""
-        first_gap = self.store.scalar("SELECT MIN(first_seq) FROM gaps WHERE station = ?", (station,))
-        if first_gap is None:
-            accounted = 0  # the highest committed seq: the first of the top len(own) + 1 not stored here
-            own = set(own)
-            for (seq,) in self.store.query("SELECT seq FROM records WHERE station = ? ORDER BY seq DESC LIMIT ?",
-                                           (station, len(own) + 1)):
-                if seq not in own:
-                    accounted = seq
-                    break
-        else:
-            accounted = first_gap - 1
-        self.tracker.assume_seen(station, accounted)
-        self._load(station, accounted + 1, MAX_SEQ)
+    def _seed(self, stations, committed):
+        """Start tracking ``stations`` (new to this collector) from the database: every seq
+        below a station's first stored gap is accounted for (the ``gaps`` rows are committed
+        with the records, under the station's row lock); without a gap, every seq up to its
+        highest ``committed`` before this batch stored anything. The rest is read."""
+        first_gaps = {}
+        for chunk, marks in self._in_chunks(stations):
+            first_gaps.update(self.store.query(
+                "SELECT station, MIN(first_seq) FROM gaps WHERE station IN %s GROUP BY station" % marks, chunk))
+        unknown = []
+        for station in stations:
+            first_gap = first_gaps.get(station)
+            accounted = first_gap - 1 if first_gap is not None else committed.get(station) or 0
+            self.tracker.assume_seen(station, accounted)
+            unknown.append((station, accounted + 1, MAX_SEQ))
+        self._load(unknown)
 
-    def _update_gaps(self, station, stored, highest_stored, old):
-        """``highest_stored``: the station's highest seq in the database now; ``old``: its
-        ``gaps`` rows."""
+    def _update_gaps(self, stations, stored):
+        """Bring the ``gaps`` rows of ``stations`` (sorted) up to date with the records this
+        batch ``stored`` ({station: [Record]}) and what the database holds: the tracker's holes
+        and anything above its highest seq are read in one go (in a share group most holes
+        are records another collector stored), then the rows that changed are rewritten."""
         tracker = self.tracker
-        for record in sorted(stored, key=lambda r: r.seq):
-            tracker.accept(station, record.seq, record.body if record.type == "summary" else None)
-        if highest_stored > tracker.highest(station):
-            self._load(station, tracker.highest(station) + 1, highest_stored)
-        for first, last in tracker.gaps(station):
-            self._load(station, first, last)
-        self._write_gaps(station, tracker.gaps(station), old)
+        highest_stored = self._highest(stations)
+        unknown = []
+        for station in stations:
+            for record in sorted(stored.get(station, []), key=lambda r: r.seq):
+                tracker.accept(station, record.seq, record.body if record.type == "summary" else None)
+            unknown.extend((station, first, last) for first, last in tracker.gaps(station))
+            highest = highest_stored.get(station) or 0
+            if highest > tracker.highest(station):
+                unknown.append((station, tracker.highest(station) + 1, highest))
+        self._load(unknown)
+        old = self._gaps_of(stations)
+        changed = {station: tracker.gaps(station) for station in stations
+                   if sorted((first, last) for first, last, _ in old.get(station, [])) != tracker.gaps(station)}
+        if changed:
+            self._write_gaps(changed, old)
 
-    def _write_gaps(self, station, gaps, old):
+    def _write_gaps(self, changed, old):
+        """Replace the ``gaps`` rows of the stations in ``changed`` ({station: [(first, last)]})."""
         store = self.store
-        if sorted((first, last) for first, last, _ in old) == sorted(gaps):
-            return
         now = iso_utc(time.time())
-        store.execute("DELETE FROM gaps WHERE station = ?", (station,))
-        for first, last in gaps:
-            # A gap that only shrank keeps the time it was first seen.
-            seen = [detected for f, end, detected in old if f <= last and end >= first]
-            if not seen:
-                log.warning("station %s: records %d..%d not received", station, first, last)
-            store.execute("INSERT INTO gaps (station, first_seq, last_seq, detected_at) VALUES (?, ?, ?, ?)",
-                          (station, first, last, min(seen) if seen else now))
+        for chunk, marks in self._in_chunks(sorted(changed)):
+            store.execute("DELETE FROM gaps WHERE station IN %s" % marks, chunk)
+        rows = []
+        for station, gaps in sorted(changed.items()):
+            for first, last in gaps:
+                # A gap that only shrank keeps the time it was first seen.
+                seen = [detected for f, end, detected in old.get(station, []) if f <= last and end >= first]
+                if not seen:  # in a share group usually another collector's batch, stored soon after
+                    log.debug("station %s: records %d..%d not received yet", station, first, last)
+                rows.append((station, first, last, min(seen) if seen else now))
+        store.insert_rows("INSERT INTO gaps (station, first_seq, last_seq, detected_at)", rows)
+
+    def lasting_gaps(self, detected_before):
+        """(stations, records) of the gaps still open that were detected before
+        ``detected_before`` (ISO UTC)."""
+        stations, records = self.store.query(
+            "SELECT COUNT(DISTINCT station), SUM(last_seq - first_seq + 1) FROM gaps WHERE detected_at < ?",
+            (detected_before,))[0]
+        return stations or 0, int(records or 0)
 
     def _count(self, result):
         self.store.add_counters(result.as_dict())

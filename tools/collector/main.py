@@ -106,8 +106,8 @@ def cmd_run(args):
         service = CollectorService(settings, store)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: service.stop())
-        log.info("collector %s: broker %s:%d, topic %s, database %s", settings.client_id, host, port,
-                 settings.topic, redacted(args.db))
+        log.info("collector %s: broker %s:%d, topics %s, database %s", settings.client_id, host, port,
+                 ", ".join(settings.topics), redacted(args.db))
         service.start()
         worker = threading.Thread(target=service.run, name="collector-writer")
         worker.start()
@@ -153,8 +153,8 @@ def build_parser():
     run.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT (default %(default)s)")
     add_db_argument(run)
     run.add_argument("--prefix", default="evse", help="topic prefix of the agents (default %(default)s)")
-    run.add_argument("--group", help="share group: subscribe to $share/GROUP/PREFIX/+/# so the "
-                                     "collectors of a group split the fleet")
+    run.add_argument("--group", help="share group: subscribe to $share/GROUP/PREFIX/+/CHANNEL so "
+                                     "the collectors of a group split the fleet")
     run.add_argument("--client-id", help="fixed MQTT client id, one per collector (default "
                                          "evse-collector[-GROUP]-<host name>)")
     run.add_argument("--keys", metavar="DIR", help="register every <station>.pem in DIR at start")

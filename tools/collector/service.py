@@ -8,8 +8,9 @@ has acknowledged only what is committed; the broker keeps the rest for the colle
 session (``clean_start`` false, a session expiry interval, a fixed client id) and delivers
 it again — duplicates are dropped by the database.
 
-With ``group`` the subscription is the MQTT 5 shared subscription
-``$share/<group>/<prefix>/+/#``: the broker hands each message to one collector of the
+It subscribes to ``<prefix>/+/<channel>`` for the channels it stores or keeps (not the
+telemetry). With ``group`` these are MQTT 5 shared subscriptions
+(``$share/<group>/<prefix>/+/session`` ...): the broker hands each message to one collector of the
 group, so several collectors (each with its own client id) split one fleet.
 """
 
@@ -18,27 +19,34 @@ import queue
 import socket
 import ssl
 import threading
+import time
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from .ingest import BatchResult, Ingestor, Message
+from evse_agent.messages import iso_utc
+
+from .ingest import SUBSCRIBED_CHANNELS, BatchResult, Ingestor, Message
 
 log = logging.getLogger("evse.collector")
 
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
-DEFAULT_RECEIVE_MAXIMUM = 200
+DEFAULT_RECEIVE_MAXIMUM = 1000
+# Gaps open longer than this are logged (once per interval): a shorter one is usually a
+# share-group neighbour's batch not committed yet, or a record still on its way.
+GAP_REPORT_S = 60.0
 RETRY_DELAY_S = (0.5, 10.0)
 
 
-def subscription_topic(prefix, group=None):
-    """``<prefix>/+/#``, or the shared subscription of ``group``."""
+def subscription_topics(prefix, group=None):
+    """``<prefix>/+/<channel>`` of each channel the collector stores or keeps (not the
+    telemetry), or the shared subscriptions of ``group``."""
     if group is not None and (not group or any(c in group for c in "/+#")):
         raise ValueError("share group %r must be one non-empty topic level without wildcards" % group)
-    topic = "%s/+/#" % prefix
-    return topic if group is None else "$share/%s/%s" % (group, topic)
+    topics = ["%s/+/%s" % (prefix, channel) for channel in SUBSCRIBED_CHANNELS]
+    return topics if group is None else ["$share/%s/%s" % (group, topic) for topic in topics]
 
 
 def default_client_id(group=None):
@@ -57,7 +65,8 @@ class BrokerSettings:
         self.port = port
         self.prefix = prefix
         self.group = group
-        self.topic = subscription_topic(prefix, group)
+        self.topics = subscription_topics(prefix, group)
+        self.former_topic = "%s/+/#" % prefix if group is None else "$share/%s/%s/+/#" % (group, prefix)
         self.client_id = client_id or default_client_id(group)
         self.username = username
         self.password = password
@@ -93,6 +102,8 @@ class CollectorService:
         self.totals = BatchResult()
         self.batches = 0
         self.subscribed = threading.Event()
+        self.gap_report_s = GAP_REPORT_S
+        self._next_gap_report = time.monotonic() + self.gap_report_s
         self._queue = queue.Queue()
         self._stopping = threading.Event()
         self.client = self._make_client()
@@ -123,13 +134,17 @@ class CollectorService:
             return
         log.info("connected to %s:%d as %s (session %s); subscribing to %s", self.settings.host,
                  self.settings.port, self.settings.client_id,
-                 "resumed" if flags.session_present else "new", self.settings.topic)
-        client.subscribe(self.settings.topic, options=SubscribeOptions(qos=1))
+                 "resumed" if flags.session_present else "new", ", ".join(self.settings.topics))
+        if flags.session_present:
+            # A session from before the collector left out the telemetry still holds the
+            # whole prefix's filter, which would deliver the telemetry (and the rest twice).
+            client.unsubscribe(self.settings.former_topic)
+        client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in self.settings.topics])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         failed = [code for code in reason_codes if code.is_failure]
         if failed:
-            log.error("subscription to %s refused: %s", self.settings.topic, failed[0])
+            log.error("subscription to %s refused: %s", ", ".join(self.settings.topics), failed[0])
             return
         self.subscribed.set()
 
@@ -163,6 +178,8 @@ class CollectorService:
         the session and whatever was not acknowledged)."""
         try:
             while True:
+                if time.monotonic() >= self._next_gap_report:
+                    self._report_gaps()
                 try:
                     batch = [self._queue.get(timeout=0.2)]
                 except queue.Empty:
@@ -182,6 +199,19 @@ class CollectorService:
         finally:
             self.client.disconnect()
             self.client.loop_stop()
+
+    def _report_gaps(self):
+        """Log the gaps that have stayed open for ``gap_report_s``; ``evse-collector status``
+        lists them."""
+        self._next_gap_report = time.monotonic() + self.gap_report_s
+        try:
+            stations, records = self.ingestor.lasting_gaps(iso_utc(time.time() - self.gap_report_s))
+        except self.store.failures as error:
+            log.error("reading the gaps failed: %s", error)
+            return
+        if stations:
+            log.warning("%d station(s) miss %d record(s) for over %.0f s (evse-collector status lists them)",
+                        stations, records, self.gap_report_s)
 
     def _store(self, batch):
         """Store one batch, retrying while the database fails; False if stopped meanwhile."""

@@ -184,6 +184,24 @@ def format_params(sql):
     return "".join(out)
 
 
+# Multi-row statements: rows and values per statement (SQLite allows 32,766 values since
+# 3.32, PostgreSQL 65,535).
+INSERT_ROWS = 1024
+INSERT_PARAMS = 30000
+
+
+def chunked(items, limit):
+    """Slices of ``items`` of at most ``limit``, each a power of two long: a statement built
+    for a slice has one of a few texts, so the driver parses and the server plans each text
+    once instead of once for every remainder."""
+    start = 0
+    while start < len(items):
+        size = min(limit, len(items) - start)
+        size = 1 << (size.bit_length() - 1)
+        yield items[start:start + size]
+        start += size
+
+
 class Store:
     """One database connection with the collector's schema.
 
@@ -231,6 +249,25 @@ class Store:
             cursor.executemany(self._sql(sql), rows)
         finally:
             cursor.close()
+
+    def insert_rows(self, head, rows, tail=""):
+        """``head VALUES (..), (..) tail`` for all of ``rows`` (tuples of one width), as
+        multi-row statements of at most ``INSERT_ROWS`` rows and ``INSERT_PARAMS`` values
+        each (``chunked``): one round trip a chunk instead of one a row. Returns the rows a ``RETURNING``
+        in ``tail`` gives."""
+        returned = []
+        if not rows:
+            return returned
+        mark = "(%s)" % ", ".join("?" * len(rows[0]))
+        for chunk in chunked(rows, max(1, min(INSERT_ROWS, INSERT_PARAMS // len(rows[0])))):
+            params = [value for row in chunk for value in row]
+            cursor = self.execute("%s VALUES %s %s" % (head, ", ".join([mark] * len(chunk)), tail), params)
+            try:
+                if "RETURNING" in tail:
+                    returned.extend(cursor.fetchall())
+            finally:
+                cursor.close()
+        return returned
 
     def query(self, sql, params=()):
         """Rows (tuples) of one query."""

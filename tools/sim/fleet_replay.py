@@ -269,6 +269,7 @@ class ReplayStation:
         self.phase_s = phase_s
         self.link = None
         self.published = 0
+        self.by_channel = {}
         self.records = 0
         self._packet_id = 0
 
@@ -317,6 +318,7 @@ class ReplayStation:
                 self.records += 1
             self.link.transport.write(publish_packet(topic_prefix + channel, payload, qos, retain, packet_id))
             self.published += 1
+            self.by_channel[channel] = self.by_channel.get(channel, 0) + 1
             index += 1
 
 
@@ -351,7 +353,11 @@ def run_publisher(host, port, first, count, scripts, duration_s, seed, speed, re
         acked = {s.name: _contiguous(s.link.acked) for s in stations}
         for s in stations:
             s.link.transport.close()
-        return {"acked": acked, "messages": sum(s.published for s in stations),
+        by_channel = {}
+        for s in stations:
+            for channel, n in s.by_channel.items():
+                by_channel[channel] = by_channel.get(channel, 0) + n
+        return {"acked": acked, "messages": sum(s.published for s in stations), "by_channel": by_channel,
                 "records": sum(s.records for s in stations),
                 "unacked": sum(len(s.link.pending) for s in stations)}
 
@@ -376,7 +382,8 @@ class ReplayFleet:
 
     def run(self, duration_s, on_started=None):
         """Connect every station, publish for ``duration_s``; returns the publishers' figures:
-        ``acked`` {station: n}, ``messages``, ``records``, ``elapsed_s``."""
+        ``acked`` {station: n}, ``messages``, ``by_channel`` {channel: messages}, ``records``,
+        ``elapsed_s``."""
         context = multiprocessing.get_context("spawn")
         ready, results, go = context.Queue(), context.Queue(), context.Event()
         per = -(-self.stations // self.processes)
@@ -414,7 +421,11 @@ class ReplayFleet:
         if broken:
             raise RuntimeError("%d stations had records the broker never acknowledged, e.g. %s"
                                % (len(broken), broken[0]))
-        return {"acked": acked, "messages": sum(f["messages"] for f in figures),
+        by_channel = {}
+        for f in figures:
+            for channel, n in f["by_channel"].items():
+                by_channel[channel] = by_channel.get(channel, 0) + n
+        return {"acked": acked, "messages": sum(f["messages"] for f in figures), "by_channel": by_channel,
                 "records": sum(f["records"] for f in figures), "elapsed_s": elapsed,
                 "unacked": sum(f["unacked"] for f in figures)}
 
