@@ -345,6 +345,14 @@ def run(stations=1000, fleet_stations=5000, fleet_duration_s=60.0, fleet_collect
     return results
 
 
+CORES = os.cpu_count() or 1
+
+
+def per_record_us(cpu_pct, run):
+    """Core-microseconds of CPU per record stored, from a run's CPU % of a core and records/s."""
+    return cpu_pct / 100 / max(run["records_per_s"], 1e-9) * 1e6
+
+
 def fleet_rows(results, row):
     """The bench table's rows, through ``row(figure, measured, baseline, ratio)``."""
     lines = []
@@ -356,13 +364,24 @@ def fleet_rows(results, row):
         r = results[key]
         lines.append(row("%s (records/s; its DB's bulk load)" % name, "%.0f" % r["records_per_s"],
                          "%.0f" % bulk[key], r["records_per_s"] / bulk[key]))
+        if key in ("postgresql_2", "postgresql_4"):
+            one = results["postgresql_1"]["records_per_s"]
+            lines.append(row("  against 1 collector on PostgreSQL (linear: %d.00)" % r["collectors"],
+                             "%.0f" % r["records_per_s"], "%.0f" % one, r["records_per_s"] / one))
         lines.append(row("  messages/s of it (bare mosquitto_sub, same topics)", "%.0f" % r["messages_per_s"],
                          "%.0f" % results["bare_subscriber"], r["messages_per_s"] / results["bare_subscriber"]))
         lines.append(row("  lost / duplicated / extra of %d" % r["published"],
                          "%d / %d / %d" % (r["lost"], r["duplicated"], r["extra"]), "0 / 0 / 0"))
+        database = r.get("database_cpu_pct")
         lines.append(row("  CPU % of a core: collectors / broker / database",
                          "%.0f / %.0f / %s" % (r["collectors_cpu_pct"], r["broker_cpu_pct"],
-                                               "%.0f" % r["database_cpu_pct"] if "database_cpu_pct" in r else "-"), ""))
+                                               "-" if database is None else "%.0f" % database), ""))
+        lines.append(row("  CPU per record stored, core-us: collectors / database",
+                         "%.0f / %s" % (per_record_us(r["collectors_cpu_pct"], r),
+                                        "-" if database is None else "%.0f" % per_record_us(database, r)), ""))
+        used = r["collectors_cpu_pct"] + r["broker_cpu_pct"] + (database or 0)
+        lines.append(row("  the machine's %d cores in use by these" % CORES, "%.0f %%" % (used / CORES),
+                         "100 %", used / CORES / 100))
     f = results["fleet"]
     lines.append(row("fleet %d stations, %d s, %d collector(s) on PostgreSQL: records published / stored"
                      % (f["stations"], f["publish_s"], f["collectors"]), "%d / %d" % (f["published"], f["stored"]),

@@ -437,8 +437,8 @@ def _fleet_rows(fleet, scale):
         rows.append(fleet_table(fleet))
     if scale:
         rows.append("")
-        rows.append("fleet at scale (tools/bench/fleet.py; %d replayed stations at %gx speed per ingest run):"
-                    % (scale["ingest_stations"], scale["speed"]))
+        rows.append("fleet at scale (tools/bench/fleet.py; ingest: the backlog of %d replayed stations "
+                    "published at %gx speed, drained):" % (scale["ingest_stations"], scale["speed"]))
         rows.extend(bench_fleet.fleet_rows(scale, _row))
     return rows
 
@@ -604,10 +604,10 @@ def main(argv=None):
                 1000, *(bench_fleet.FULL_FLEET_RUN if args.full_fleet else bench_fleet.FLEET_RUN), workdir=workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(_table(results))
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
+    with open(args.output, "w") as handle:  # before the table: a figure is kept even if printing it fails
         json.dump(results, handle, indent=2)
+    print(_table(results))
     print("results written to %s" % os.path.relpath(args.output, ROOT))
     return 0
 
