@@ -164,3 +164,41 @@ def test_bridge_reads_the_simulated_meter_through_the_relay_when_installed(meter
         bridge.stderr.close()
         sink.close()
         relay.close()
+
+
+def test_every_import_of_the_project_inside_tools_resolves():
+    """Imports made inside functions run only when a bench section or a command reaches
+    them: each ``from evse_agent/evse_tools ... import name`` in ``tools/`` must name a module
+    and a name that exist, so a move cannot leave one behind until ``make bench`` runs."""
+    import ast
+    import importlib
+    broken = []
+    for directory, _, files in os.walk(os.path.join(ROOT, "tools")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(directory, name)
+            with open(path) as handle:
+                tree = ast.parse(handle.read(), path)
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.ImportFrom) or node.level or not (node.module or "").startswith("evse_"):
+                    continue
+                try:
+                    module = importlib.import_module(node.module)
+                except ModuleNotFoundError as error:  # MicroPython-only code (machine, ...): the module must exist
+                    if (error.name or "").startswith("evse_") or importlib.util.find_spec(node.module) is None:
+                        broken.append("%s:%d: %s (%s)" % (os.path.relpath(path, ROOT), node.lineno, node.module,
+                                                          error))
+                    continue
+                for alias in node.names:
+                    if not hasattr(module, alias.name) and importlib.util.find_spec(
+                            "%s.%s" % (node.module, alias.name)) is None:
+                        broken.append("%s:%d: from %s import %s" % (os.path.relpath(path, ROOT), node.lineno,
+                                                                     node.module, alias.name))
+    assert broken == []
+
+
+def test_bench_signing_baseline_signs_with_the_micropython_ports_signer():
+    from evse_tools.bench.main import _cpython_sign_ms
+    figures = _cpython_sign_ms(count=2)
+    assert figures["p256_sign_ms"] > 0 and figures["cryptography_sign_ms"] > 0

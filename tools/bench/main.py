@@ -65,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 from evse_agent.aggregate import Aggregator
 from evse_agent.config import validate
@@ -370,7 +371,7 @@ def _cpython_sign_ms(count=20):
     """Milliseconds per signature under CPython: the same pure-Python signer, and cryptography."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
-    from evse_agent.ports import p256
+    from evse_agent.ports.micropython import p256
     key = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
     signer = p256.Signer(key)
     started = time.perf_counter()
@@ -602,11 +603,15 @@ def main(argv=None):
             results["fleet"] = run_fleets(fleet_sizes, 20.0, workdir)
             results["fleet_scale"] = bench_fleet.run(
                 1000, *(bench_fleet.FULL_FLEET_RUN if args.full_fleet else bench_fleet.FLEET_RUN), workdir=workdir)
+    except BaseException:
+        results["run"]["failed"] = traceback.format_exc()
+        raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:  # before the table: a figure is kept even if printing it fails
-        json.dump(results, handle, indent=2)
+        # written before the table, and when a section failed: the figures measured are kept
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
+        with open(args.output, "w") as handle:
+            json.dump(results, handle, indent=2)
     print(_table(results))
     print("results written to %s" % os.path.relpath(args.output, ROOT))
     return 0

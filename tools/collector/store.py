@@ -242,14 +242,6 @@ class Store:
         cursor.execute(self._sql(sql), tuple(params))
         return cursor
 
-    def executemany(self, sql, rows):
-        """Run one statement for each of ``rows`` (psycopg pipelines them: one round trip)."""
-        cursor = self.connection.cursor()
-        try:
-            cursor.executemany(self._sql(sql), rows)
-        finally:
-            cursor.close()
-
     def insert_rows(self, head, rows, tail=""):
         """``head VALUES (..), (..) tail`` for all of ``rows`` (tuples of one width), as
         multi-row statements of at most ``INSERT_ROWS`` rows and ``INSERT_PARAMS`` values
