@@ -202,3 +202,31 @@ def test_bench_signing_baseline_signs_with_the_micropython_ports_signer():
     from evse_tools.bench.main import _cpython_sign_ms
     figures = _cpython_sign_ms(count=2)
     assert figures["p256_sign_ms"] > 0 and figures["cryptography_sign_ms"] > 0
+
+
+def test_every_repository_path_named_in_tools_exists():
+    """``os.path.join(ROOT, "dir", "file")`` with literal parts, anywhere in ``tools/``: the
+    file or directory is there (a move that left a path behind fails here, not in a bench
+    section that runs once a release)."""
+    import ast
+    missing = []
+    for directory, _, files in os.walk(os.path.join(ROOT, "tools")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(directory, name)
+            with open(path) as handle:
+                tree = ast.parse(handle.read(), path)
+            for node in ast.walk(tree):
+                if not (isinstance(node, ast.Call) and ast.unparse(node.func) == "os.path.join" and node.args
+                        and isinstance(node.args[0], ast.Name) and node.args[0].id == "ROOT"):
+                    continue
+                parts = node.args[1:]
+                if parts and all(isinstance(part, ast.Constant) and isinstance(part.value, str) for part in parts):
+                    named = os.path.join(ROOT, *(part.value for part in parts))
+                    made_at_run_time = named.endswith(("results.json", ".venv-bridge")) or \
+                        os.path.relpath(named, ROOT).startswith("run" + os.sep)
+                    if not os.path.exists(named) and not made_at_run_time:
+                        missing.append("%s:%d: %s" % (os.path.relpath(path, ROOT), node.lineno,
+                                                      os.path.relpath(named, ROOT)))
+    assert missing == []

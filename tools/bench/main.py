@@ -297,19 +297,23 @@ def bench_flash_wear(workdir):
             "model": "data + cursor files + one 4 KiB page per fsync (ext4/SD or littlefs block)"}
 
 
+WASM_RUNNER = os.path.join(ROOT, "tools", "testkit", "mpy_run.mjs")
+
+
 def bench_micropython(workdir):
     """Heap in use by the core scenario's data under MicroPython, and its signing time."""
     from ..cli.mpy_build import compile_core
+    from ..testkit import mpy_unix
     node = shutil.which("node")
     if node is None:
         return {"error": "node is not installed"}
     out = os.path.join(workdir, "mpy")
     compiled = compile_core(out)
     figures = {"mpy_files": len(compiled), "mpy_bytes": sum(size for _, size in compiled)}
-    scenarios = os.path.join(ROOT, "host_tests", "mpy_scenarios")
+    scenarios = mpy_unix.SCENARIOS
     stats_file = os.path.join(workdir, "mpy-stats.json")
     for name in ("session", "p256"):
-        run = subprocess.run([node, os.path.join(ROOT, "tools", "mpy_run.mjs"), "--mpy", out, "--stats", stats_file,
+        run = subprocess.run([node, WASM_RUNNER, "--mpy", out, "--stats", stats_file,
                               os.path.join(scenarios, name + "_scenario.py"), "/tmp"],
                              capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
