@@ -170,9 +170,10 @@ def char_time_us(baudrate):
     return 11000000 // baudrate
 
 
-# Reading a frame: sleep through the bytes still on the wire and wake once, when the last one
-# is due (a timer never fires early), to read the rest in one go; shorter sleeps are not
-# worth a wake-up.
+# Reading a frame: sleep through the bytes still on the wire and wake when all but the last
+# one are in, to read them in one go and then wake again as the last lands (a timer can only
+# be late, by up to a millisecond of the event loop's resolution; the last byte's arrival is
+# not); shorter sleeps are not worth a wake-up.
 MIN_SLEEP_US = 1000
 
 
@@ -198,7 +199,8 @@ class RtuMaster:
         self.gap_ms = gap_ms
         self.stats = MasterStats()
         # Learned: how much later than their wire time the meter's answers end (its turnaround),
-        # so the master wakes once per answer; nudged down while answers are complete on waking.
+        # so the master wakes as an answer's last byte is due; nudged down while answers are
+        # complete on waking.
         self.turnaround_us = 0
         self._last_activity_ms = clock.monotonic_ms() - self.silence_ms
         self._lock = asyncio.Lock()
@@ -257,11 +259,14 @@ class RtuMaster:
                 if frame:
                     chunk = await stream.read(expected - len(frame), 0)  # what has arrived
                     if not chunk:
+                        missing = expected - len(frame)
                         if not late:
                             late = True
-                            self._learn_turnaround(True)
-                        await self._await_wire(expected - len(frame))
-                        chunk = await stream.read(expected - len(frame), self.gap_ms)
+                            if missing > 1:
+                                self._learn_turnaround(True)
+                        # Sleep through all but the last byte, then wake as it lands.
+                        await self._await_wire(missing - 1)
+                        chunk = await stream.read(missing, self.gap_ms)
                 else:
                     remaining = deadline - self.clock.monotonic_ms()
                     # Past the deadline, what has arrived still counts (a long answer's
@@ -285,9 +290,10 @@ class RtuMaster:
             self._last_activity_ms = self.clock.monotonic_ms()
 
     def _learn_turnaround(self, short):
-        """An answer was incomplete on waking (``short``) or complete: move the learned
-        turnaround up by one character, or down by an eighth of one to keep probing (one
-        late answer, e.g. the machine was busy, cannot make every later wake-up late)."""
+        """An answer lacked more than its last byte on waking (``short``) or was complete:
+        move the learned turnaround up by one character, or down by an eighth of one to keep
+        probing (one late answer, e.g. the machine was busy, cannot make every later wake-up
+        late). An answer lacking only its last byte is on target: it leaves it alone."""
         if short:
             limit = self.timeout_ms * 500  # never more than half the response timeout
             self.turnaround_us = min(self.turnaround_us + self.char_us, limit)
