@@ -2,6 +2,8 @@
 (naive reader, hand-written loop) run briefly against the simulated meter through the
 frame-counting relay, checked by their counts (never their timings)."""
 
+import ast
+import importlib.util
 import itertools
 import json
 import os
@@ -166,35 +168,36 @@ def test_bridge_reads_the_simulated_meter_through_the_relay_when_installed(meter
         relay.close()
 
 
+def tools_nodes():
+    """(file relative to the repository, syntax node) of every node of every module in ``tools/``."""
+    for directory, _, files in os.walk(os.path.join(ROOT, "tools")):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                with open(path) as handle:
+                    tree = ast.parse(handle.read(), path)
+                for node in ast.walk(tree):
+                    yield os.path.relpath(path, ROOT), node
+
+
 def test_every_import_of_the_project_inside_tools_resolves():
     """Imports made inside functions run only when a bench section or a command reaches
     them: each ``from evse_agent/evse_tools ... import name`` in ``tools/`` must name a module
     and a name that exist, so a move cannot leave one behind until ``make bench`` runs."""
-    import ast
-    import importlib
     broken = []
-    for directory, _, files in os.walk(os.path.join(ROOT, "tools")):
-        for name in files:
-            if not name.endswith(".py"):
-                continue
-            path = os.path.join(directory, name)
-            with open(path) as handle:
-                tree = ast.parse(handle.read(), path)
-            for node in ast.walk(tree):
-                if not isinstance(node, ast.ImportFrom) or node.level or not (node.module or "").startswith("evse_"):
-                    continue
-                try:
-                    module = importlib.import_module(node.module)
-                except ModuleNotFoundError as error:  # MicroPython-only code (machine, ...): the module must exist
-                    if (error.name or "").startswith("evse_") or importlib.util.find_spec(node.module) is None:
-                        broken.append("%s:%d: %s (%s)" % (os.path.relpath(path, ROOT), node.lineno, node.module,
-                                                          error))
-                    continue
-                for alias in node.names:
-                    if not hasattr(module, alias.name) and importlib.util.find_spec(
-                            "%s.%s" % (node.module, alias.name)) is None:
-                        broken.append("%s:%d: from %s import %s" % (os.path.relpath(path, ROOT), node.lineno,
-                                                                     node.module, alias.name))
+    for path, node in tools_nodes():
+        if not isinstance(node, ast.ImportFrom) or node.level or not (node.module or "").startswith("evse_"):
+            continue
+        try:
+            module = importlib.import_module(node.module)
+        except ModuleNotFoundError as error:  # MicroPython-only code (machine, ...): the module must exist
+            if (error.name or "").startswith("evse_") or importlib.util.find_spec(node.module) is None:
+                broken.append("%s:%d: %s (%s)" % (path, node.lineno, node.module, error))
+            continue
+        for alias in node.names:
+            if not hasattr(module, alias.name) and importlib.util.find_spec(
+                    "%s.%s" % (node.module, alias.name)) is None:
+                broken.append("%s:%d: from %s import %s" % (path, node.lineno, node.module, alias.name))
     assert broken == []
 
 
@@ -208,25 +211,16 @@ def test_every_repository_path_named_in_tools_exists():
     """``os.path.join(ROOT, "dir", "file")`` with literal parts, anywhere in ``tools/``: the
     file or directory is there (a move that left a path behind fails here, not in a bench
     section that runs once a release)."""
-    import ast
     missing = []
-    for directory, _, files in os.walk(os.path.join(ROOT, "tools")):
-        for name in files:
-            if not name.endswith(".py"):
-                continue
-            path = os.path.join(directory, name)
-            with open(path) as handle:
-                tree = ast.parse(handle.read(), path)
-            for node in ast.walk(tree):
-                if not (isinstance(node, ast.Call) and ast.unparse(node.func) == "os.path.join" and node.args
-                        and isinstance(node.args[0], ast.Name) and node.args[0].id == "ROOT"):
-                    continue
-                parts = node.args[1:]
-                if parts and all(isinstance(part, ast.Constant) and isinstance(part.value, str) for part in parts):
-                    named = os.path.join(ROOT, *(part.value for part in parts))
-                    made_at_run_time = named.endswith(("results.json", ".venv-bridge")) or \
-                        os.path.relpath(named, ROOT).startswith("run" + os.sep)
-                    if not os.path.exists(named) and not made_at_run_time:
-                        missing.append("%s:%d: %s" % (os.path.relpath(path, ROOT), node.lineno,
-                                                      os.path.relpath(named, ROOT)))
+    for path, node in tools_nodes():
+        if not (isinstance(node, ast.Call) and ast.unparse(node.func) == "os.path.join" and node.args
+                and isinstance(node.args[0], ast.Name) and node.args[0].id == "ROOT"):
+            continue
+        parts = node.args[1:]
+        if parts and all(isinstance(part, ast.Constant) and isinstance(part.value, str) for part in parts):
+            named = os.path.join(ROOT, *(part.value for part in parts))
+            made_at_run_time = named.endswith(("results.json", ".venv-bridge")) or \
+                os.path.relpath(named, ROOT).startswith("run" + os.sep)
+            if not os.path.exists(named) and not made_at_run_time:
+                missing.append("%s:%d: %s" % (path, node.lineno, os.path.relpath(named, ROOT)))
     assert missing == []
