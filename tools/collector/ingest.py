@@ -608,7 +608,7 @@ class Ingestor:
             with store.savepoint():
                 cursor = store.execute(
                     "INSERT INTO records (station, seq, type, ts, received_at, payload) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (station, seq) DO NOTHING",
+                    "VALUES (?, ?, ?, ?, ?, ?) " + SKIP_DUPLICATE,
                     (record.station, record.seq, record.type, record.ts, record.received_at,
                      record.payload))
                 if cursor.rowcount != 1:

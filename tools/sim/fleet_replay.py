@@ -42,6 +42,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..testkit.broker import Mosquitto
+from ..testkit.subscriber import subscribed_client
 
 JOURNALED = ("session", "event", "aggregate")
 STATION_MARK = "\u0001station\u0001"
@@ -70,17 +71,8 @@ class Recorder:
     def __init__(self, broker):
         self.messages = []
         self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self.client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2,
-                                  client_id="fleet-recorder", protocol=paho.MQTTv5)
-        self.client.on_connect = lambda client, *args: client.subscribe(
-            "evse/#", options=SubscribeOptions(qos=1, retainAsPublished=True))
-        self.client.on_subscribe = lambda *args: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port, 60)
-        self.client.loop_start()
-        if not self._subscribed.wait(10):
-            raise RuntimeError("the fleet recorder could not subscribe")
+        self.client = subscribed_client(broker, "fleet-recorder", "evse/#", self._on_message,
+                                        SubscribeOptions(qos=1, retainAsPublished=True), protocol=paho.MQTTv5)
 
     def _on_message(self, client, userdata, message):
         with self._lock:

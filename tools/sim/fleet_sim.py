@@ -32,8 +32,6 @@ import tempfile
 import threading
 import time
 
-import paho.mqtt.client as paho
-
 from evse_agent import log
 from evse_agent.config import validate
 from evse_agent.meter_models import model_named
@@ -44,6 +42,7 @@ from evse_agent.ports.cpython.main import build_agent
 
 from ..bench.cpu import cpu_seconds
 from ..testkit.broker import Mosquitto
+from ..testkit.subscriber import subscribed_client
 from .meter_sim import LoadProfile, MeterPhysics, encode_register
 
 STATION_FORMAT = "fleet-%04d"
@@ -158,15 +157,7 @@ class FleetSubscriber:
         self.count = 0
         self.by_topic = {}
         self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self.client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, client_id="fleet-counter")
-        self.client.on_connect = lambda client, userdata, flags, rc, props: client.subscribe("evse/#", 0)
-        self.client.on_subscribe = lambda *args: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port, 60)
-        self.client.loop_start()
-        if not self._subscribed.wait(10):
-            raise RuntimeError("the fleet counter could not subscribe")
+        self.client = subscribed_client(broker, "fleet-counter", "evse/#", self._on_message, 0)
 
     def _on_message(self, client, userdata, message):
         channel = message.topic.rsplit("/", 1)[-1]

@@ -30,6 +30,27 @@ class Message:
         return "Message(%s, %s)" % (self.topic, self.text[:80])
 
 
+def subscribed_client(broker, client_id, topic, on_message, options, protocol=paho.MQTTv311, timeout_s=10):
+    """A paho client on ``broker`` with its network loop running, subscribed to ``topic``
+    (``options``: a QoS or SubscribeOptions) and handing each message to ``on_message``;
+    raises once ``timeout_s`` pass without the subscription in place."""
+    subscribed = threading.Event()
+    client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=protocol)
+    if isinstance(options, int):
+        client.on_connect = lambda client, *args: client.subscribe(topic, options)
+    else:
+        client.on_connect = lambda client, *args: client.subscribe(topic, options=options)
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.on_message = on_message
+    client.connect(broker.host, broker.port, 60)
+    client.loop_start()
+    if not subscribed.wait(timeout_s):
+        client.loop_stop()
+        raise RuntimeError("%s could not subscribe to %s" % (client_id, topic))
+    return client
+
+
 class Collector:
     """Subscribes to ``topic`` and keeps every message; ``on_message`` sees each as it comes."""
 
