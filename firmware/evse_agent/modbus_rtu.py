@@ -170,10 +170,12 @@ def char_time_us(baudrate):
     return 11000000 // baudrate
 
 
-# Reading a frame: sleep through the bytes still on the wire and wake when all but the last
-# one are in, to read them in one go and then wake again as the last lands (a timer can only
-# be late, by up to a millisecond of the event loop's resolution; the last byte's arrival is
-# not); shorter sleeps are not worth a wake-up.
+# Reading a frame: sleep through the bytes still on the wire, look a little before the answer's
+# end is due, and take its last bytes as they land. A timer can only be late (by up to the
+# event loop's resolution, a millisecond); a byte's arrival wakes the reader at once. So the
+# master looks one character plus that slack before the end (``look_ahead_us``) and never
+# leaves a frame's end to a timer. Sleeps shorter than a millisecond are not worth a wake-up.
+TIMER_SLACK_US = 1000
 MIN_SLEEP_US = 1000
 
 
@@ -199,9 +201,9 @@ class RtuMaster:
         self.gap_ms = gap_ms
         self.stats = MasterStats()
         # Learned: how much later than their wire time the meter's answers end (its turnaround),
-        # so the master wakes as an answer's last byte is due; nudged down while answers are
-        # complete on waking.
+        # so the master looks ``look_ahead_us`` before an answer's end is due (``_learn_turnaround``).
         self.turnaround_us = 0
+        self.look_ahead_us = char_us + TIMER_SLACK_US
         self._last_activity_ms = clock.monotonic_ms() - self.silence_ms
         self._lock = asyncio.Lock()
 
@@ -238,72 +240,79 @@ class RtuMaster:
 
     async def _transact(self, request, unit, function, count):
         stream = self.stream
-        wait = self.silence_ms - (self.clock.monotonic_ms() - self._last_activity_ms)
+        clock = self.clock
+        wait = self.silence_ms - (clock.monotonic_ms() - self._last_activity_ms)
         if wait > 0:
             await asyncio.sleep(wait / 1000)
         stream.reset_input()
         self.stats.requests += 1
         stream.write(request)
-        sent_ms = self.clock.monotonic_ms()
+        sent_ms = clock.monotonic_ms()
+        char_us = self.char_us
         # The request itself takes time on the wire before the meter can start answering.
-        wire_ms = (len(request) * self.char_us + 999) // 1000
-        frame = bytearray()
-        expected = 3  # until the header tells the frame's length
+        wire_ms = (len(request) * char_us + 999) // 1000
         deadline = sent_ms + wire_ms + self.timeout_ms
+        answer = 5 + 2 * count  # the normal answer's length (an exception answer is 5 bytes)
         try:
-            # No whole answer can be here before the request and the answer crossed the
-            # wire: sleep through that (an exception answer, shorter, waits a little longer).
-            await self._await_wire(len(request) + 5 + 2 * count, self.turnaround_us)
-            late = False
+            # No whole answer can be here before the request and the answer crossed the wire
+            # (and the meter's turnaround): sleep through that, then look at what has arrived.
+            await self._sleep_us((len(request) + answer) * char_us + self.turnaround_us - self.look_ahead_us)
+            looked_ms = clock.monotonic_ms()
+            frame = bytearray(await stream.read(3, 0))
+            expected = await self._expected(frame, unit, function, count)
+            if len(frame) == 3 and expected > 3:
+                frame.extend(await stream.read(expected - 3, 0))
+            ahead_us = (answer - len(frame)) * char_us  # how long before the answer's end it looked
             while len(frame) < expected:
                 if frame:
-                    chunk = await stream.read(expected - len(frame), 0)  # what has arrived
-                    if not chunk:
-                        missing = expected - len(frame)
-                        if not late:
-                            late = True
-                            if missing > 1:
-                                self._learn_turnaround(True)
-                        # Sleep through all but the last byte, then wake as it lands.
-                        await self._await_wire(missing - 1)
-                        chunk = await stream.read(missing, self.gap_ms)
+                    # Sleep through the bytes still on the wire but the last look-ahead's worth,
+                    # then take them as they land (or within the gap limit).
+                    missing = (expected if expected > 3 else answer) - len(frame)
+                    await self._sleep_us(missing * char_us - self.look_ahead_us)
+                    chunk = await stream.read(expected - len(frame), self.gap_ms)
                 else:
-                    remaining = deadline - self.clock.monotonic_ms()
+                    remaining = deadline - clock.monotonic_ms()
                     # Past the deadline, what has arrived still counts (a long answer's
                     # wire time can outlast the response timeout).
-                    chunk = await stream.read(expected - len(frame), remaining if remaining > 0 else 0)
+                    chunk = await stream.read(expected, remaining if remaining > 0 else 0)
+                    if chunk:  # the answer began after the look: it was that much earlier still
+                        ahead_us += (clock.monotonic_ms() - looked_ms) * 1000
                 if not chunk:
                     if not frame:
                         raise ModbusTimeout("no response within %d ms" % self.timeout_ms)
                     raise ModbusTimeout("response stopped after %d of %d bytes" % (len(frame), expected))
                 frame.extend(chunk)
-                if expected == 3 and len(frame) >= 3:
-                    expected = self._length_from_header(frame, unit, function, count)
-                    if not expected:
-                        await self._drain()
-                        raise ModbusFrameError("response header %s does not answer unit %d function %d"
-                                               " for %d registers" % (_hex(frame[:3]), unit, function, count))
-            if not late:
-                self._learn_turnaround(False)
+                expected = await self._expected(frame, unit, function, count)
+            if expected == answer:
+                self._learn_turnaround(ahead_us)
             return check_read_response(frame, unit, function, count)
         finally:
-            self._last_activity_ms = self.clock.monotonic_ms()
+            self._last_activity_ms = clock.monotonic_ms()
 
-    def _learn_turnaround(self, short):
-        """An answer lacked more than its last byte on waking (``short``) or was complete:
-        move the learned turnaround up by one character, or down by an eighth of one to keep
-        probing (one late answer, e.g. the machine was busy, cannot make every later wake-up
-        late). An answer lacking only its last byte is on target: it leaves it alone."""
-        if short:
-            limit = self.timeout_ms * 500  # never more than half the response timeout
-            self.turnaround_us = min(self.turnaround_us + self.char_us, limit)
-        elif self.turnaround_us:
-            self.turnaround_us = max(self.turnaround_us - self.char_us // 8, 0)
+    async def _expected(self, frame, unit, function, count):
+        """Bytes the frame needs: 3 until its header is in, then its whole length. A header
+        that cannot start the answer to this request is drained and raised as a frame error."""
+        if len(frame) < 3:
+            return 3
+        expected = self._length_from_header(frame, unit, function, count)
+        if not expected:
+            await self._drain()
+            raise ModbusFrameError("response header %s does not answer unit %d function %d for %d registers"
+                                   % (_hex(frame[:3]), unit, function, count))
+        return expected
 
-    async def _await_wire(self, pending, extra_us=0):
-        """Sleep while ``pending`` more bytes of a frame travel the wire (and ``extra_us``), so
-        the rest is read in one go rather than with a wake-up per byte (or per early wake-up)."""
-        wait_us = pending * self.char_us + extra_us
+    def _learn_turnaround(self, ahead_us):
+        """Move the learned turnaround halfway to where the next look lands ``look_ahead_us``
+        before the answer's end. ``ahead_us`` is how long before its end this answer was
+        looked at, 0 when it was already whole (late by an unknown amount: taken as on time,
+        which still moves the look a half look-ahead earlier). Bounded by half the response
+        timeout; one late answer (a busy machine) moves it only halfway."""
+        limit = self.timeout_ms * 500
+        turnaround = self.turnaround_us + (ahead_us - self.look_ahead_us) // 2
+        self.turnaround_us = 0 if turnaround < 0 else limit if turnaround > limit else turnaround
+
+    async def _sleep_us(self, wait_us):
+        """Sleep ``wait_us`` microseconds, unless that is too short to be worth a wake-up."""
         if wait_us >= MIN_SLEEP_US:
             await asyncio.sleep(wait_us / 1000000)
 

@@ -323,8 +323,9 @@ _real_sleep = asyncio.sleep  # captured before any test patches asyncio.sleep
 class FakeStream:
     """Replies to each write with the next scripted answer, delivered in the given chunks.
 
-    A script entry is a list of chunks (bytes), or SILENT for no answer. ``late`` bytes
-    appear after a read times out (an answer arriving after the master gave up).
+    A script entry is a list of chunks (bytes; an empty chunk: nothing has arrived yet at
+    that read), or SILENT for no answer. ``late`` bytes appear after a read with a timeout
+    returned nothing (an answer arriving after the master gave up).
     """
 
     def __init__(self, clock, script, late=None):
@@ -353,7 +354,7 @@ class FakeStream:
             return chunk
         self.clock.now_ms += timeout_ms
         self.reads.append((max_bytes, timeout_ms, b""))
-        late = self.late.pop(len(self.writes), None)
+        late = self.late.pop(len(self.writes), None) if timeout_ms else None
         if late is not None:
             self.pending.append(late)
         return b""
@@ -401,17 +402,18 @@ def test_frame_in_one_byte_chunks_is_assembled():
 
 
 def test_first_read_waits_timeout_plus_request_wire_time_then_gap():
-    """The first byte may take timeout + the request's wire time; later bytes are taken as
-    they have arrived (timeout 0), or after the rest's wire time within the gap limit."""
+    """The first look takes what has arrived (timeout 0); an answer not begun by then may
+    take timeout + the request's wire time; later bytes within the gap limit."""
     frame = _response(1, 4, [1, 2])
     result, stream, master = _run(dict(baudrate=9600, timeout_ms=500, gap_ms=20),
-                                  [[bytes([b]) for b in frame]])
+                                  [[b""] + [bytes([b]) for b in frame]])
     assert result == bytes.fromhex("0001 0002")
+    assert stream.reads[0] == (3, 0, b"")
     # 8 request bytes * 11 bits at 9600 baud = 9.17 ms -> 10 ms on the wire.
-    assert stream.reads[0][:2] == (3, 510)
-    assert all(timeout in (0, 20) for _, timeout, _ in stream.reads[1:])
+    assert stream.reads[1][:2] == (3, 510)
+    assert all(timeout == 20 for _, timeout, _ in stream.reads[2:])
     # After the 3-byte header the master asks for exactly the rest of the frame.
-    assert stream.reads[3][0] == len(frame) - 3
+    assert stream.reads[4][0] == len(frame) - 3
 
 
 @SLOW
