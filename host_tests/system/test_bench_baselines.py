@@ -224,3 +224,44 @@ def test_every_repository_path_named_in_tools_exists():
             if not os.path.exists(named) and not made_at_run_time:
                 missing.append("%s:%d: %s" % (path, node.lineno, os.path.relpath(named, ROOT)))
     assert missing == []
+
+
+_SPINNER = """
+import sys, threading, time
+def spin(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+done, release = threading.Event(), threading.Event()
+def work():
+    spin(0.15)
+    done.set()
+    release.wait()
+worker = threading.Thread(target=work)
+worker.start()
+spin(0.15)
+done.wait()
+print("spun", flush=True)
+sys.stdin.read()  # both threads alive until the test has read the counts
+release.set()
+worker.join()
+"""
+
+
+def test_run_time_counts_every_thread_as_the_kernel_accounts_the_process():
+    """``run_time_s`` (scheduler nanoseconds of each thread) agrees with the process's own
+    user + system time as ``wait4`` reports it at exit (an independent interface), and
+    ``machine_busy_s`` has seen at least that much work done."""
+    from evse_tools.bench.cpu import machine_busy_s, run_time_s
+    busy_before = machine_busy_s()
+    child = subprocess.Popen([sys.executable, "-c", _SPINNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdout.readline() == b"spun\n"
+    measured = run_time_s(child.pid)
+    busy = machine_busy_s() - busy_before
+    child.stdin.close()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    accounted = usage.ru_utime + usage.ru_stime
+    assert measured >= 0.30  # both threads' spins, not the main thread's alone
+    assert abs(measured - accounted) <= 0.02  # the exit itself runs a little more
+    assert busy >= measured - 0.05  # /proc/stat counts in ticks

@@ -13,7 +13,7 @@ and polling once a second (the shipped setting):
   value a float reference with the high word first, ``--always-publish`` so each poll publishes. When it
   cannot be installed (no registry), its rows say so and why; the rest still runs.
 
-Per program: CPU seconds per 1,000 polls (user + system from ``/proc``), resident memory
+Per program: CPU seconds per 1,000 polls (run time of its threads, ``cpu.run_time_s``), resident memory
 (``VmRSS`` at the end), requests and bytes per poll as the relay counted them (polls are the
 reads of the map's first register), and the latency from a poll's last response byte
 leaving the relay to each of its messages reaching a subscriber in the bench process
@@ -28,7 +28,7 @@ import sys
 import time
 
 from . import wire as bench_wire
-from .cpu import cpu_seconds, memory_kib
+from .cpu import machine_busy_s, memory_kib, run_time_s
 from .latency import ROOT, Arrivals, agent_command, percentiles
 from ..sim.meter_sim import MeterSimulator
 from ..sim.vehicle_sim import VehicleSim
@@ -126,14 +126,14 @@ def _program_figures(name, process, relay, cpu_before, counts_before, first, sin
     if process.poll() is not None:
         raise RuntimeError("%s exited with %s during the window: %s"
                            % (name, process.returncode, _stop(process)[-800:]))
-    used = cpu_seconds(process.pid) - cpu_before
+    used = run_time_s(process.pid) - cpu_before
     rss, peak = memory_kib(process.pid)
     (requests0, _, bytes0), polls0 = counts_before
     requests1, _, bytes1 = relay.counts()
     polls = relay.reads_of(*first) - polls0
     arrivals, suffix = sink
     return {
-        "polls": polls, "cpu_s": round(used, 3),
+        "polls": polls, "cpu_s": round(used, 4),
         "cpu_s_per_1000_polls": round(used / polls * 1000, 2) if polls else None,
         "rss_kib": rss, "rss_peak_kib": peak,
         "requests_per_poll": round((requests1 - requests0) / polls, 2) if polls else None,
@@ -187,12 +187,16 @@ def side_by_side(broker, workdir, window_s=60.0, with_bridge=True):
                 sinks[name][0].wait_for(lambda topic, doc: True, 0, timeout_s=60)
         time.sleep(3.0)  # every program past its first polls
         since = time.perf_counter()
-        cpu0 = {name: cpu_seconds(p.pid) for name, p in processes.items()}
+        busy = machine_busy_s()
+        cpu0 = {name: run_time_s(p.pid) for name, p in processes.items()}
         counts0 = {name: (relays[name].counts(), relays[name].reads_of(*first)) for name in names}
         time.sleep(window_s)  # the measurement window itself
+        busy = machine_busy_s() - busy
         for name in names:
             result[name] = _program_figures(name, processes[name], relays[name], cpu0[name], counts0[name],
                                             first, sinks[name], since)
+        measured = sum(result[name]["cpu_s"] for name in names)
+        result["machine_busy_beside"] = round(max(0.0, busy - measured) / window_s / os.cpu_count(), 3)
         events = [json.loads(m[3]).get("event") for m in list(agent_sink.messages) if m[0].endswith("/session")]
         if "start" not in events or "end" in events:
             raise RuntimeError("the session was not open throughout the window: %s" % events)
@@ -223,6 +227,9 @@ def side_by_side_rows(figures, row):
     base = figures.get("handwritten")
     if not base:
         return [row("side by side, car charging", figures.get("error", "no figures"))]
+    if "machine_busy_beside" in figures:
+        lines.append(row("side by side: machine busy beside the programs (simulators, relays, broker, other work)",
+                         "%.0f %% of its cores" % (100 * figures["machine_busy_beside"])))
     for name, label in (("agent", "agent"), ("bridge", "modbus2mqtt")):
         measured = figures.get(name)
         if not measured or "error" in measured:
