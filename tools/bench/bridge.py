@@ -228,7 +228,7 @@ def side_by_side_rows(figures, row):
     if not base:
         return [row("side by side, car charging", figures.get("error", "no figures"))]
     if "machine_busy_beside" in figures:
-        lines.append(row("side by side: machine busy beside the programs (simulators, relays, broker, other work)",
+        lines.append(row("side by side: machine busy beside them (sims, relays, broker)",
                          "%.0f %% of its cores" % (100 * figures["machine_busy_beside"])))
     for name, label in (("agent", "agent"), ("bridge", "modbus2mqtt")):
         measured = figures.get(name)

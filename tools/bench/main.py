@@ -498,7 +498,7 @@ def _table(results):
                           "%.2f s" % base["cpu_s_per_1000_cycles"], cpu["agent"]["cpu_ratio"]))
         lines.append(_row("resident memory, agent", "%d KiB" % cpu["agent"]["rss_kib"],
                           "%d KiB" % base["rss_kib"], cpu["agent"]["rss_ratio"]))
-        lines.append(_row("  machine busy beside them (simulators, broker, other work)",
+        lines.append(_row("  machine busy beside them (sims, broker, other work)",
                           "%.0f %% of its cores" % (100 * cpu["machine_busy_beside"])))
     if results.get("monitoring"):
         lines.extend(monitoring_rows(results["monitoring"], _row))
