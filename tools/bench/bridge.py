@@ -28,7 +28,7 @@ import sys
 import time
 
 from . import wire as bench_wire
-from .cpu import machine_busy_s, memory_kib, run_time_s
+from .cpu import busy_beside, machine_busy_s, memory_kib, run_time_s
 from .latency import ROOT, Arrivals, agent_command, percentiles
 from ..sim.meter_sim import MeterSimulator
 from ..sim.vehicle_sim import VehicleSim
@@ -195,8 +195,7 @@ def side_by_side(broker, workdir, window_s=60.0, with_bridge=True):
         for name in names:
             result[name] = _program_figures(name, processes[name], relays[name], cpu0[name], counts0[name],
                                             first, sinks[name], since)
-        measured = sum(result[name]["cpu_s"] for name in names)
-        result["machine_busy_beside"] = round(max(0.0, busy - measured) / window_s / os.cpu_count(), 3)
+        result["machine_busy_beside"] = busy_beside(busy, sum(result[name]["cpu_s"] for name in names), window_s)
         events = [json.loads(m[3]).get("event") for m in list(agent_sink.messages) if m[0].endswith("/session")]
         if "start" not in events or "end" in events:
             raise RuntimeError("the session was not open throughout the window: %s" % events)

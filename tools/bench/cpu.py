@@ -10,11 +10,12 @@ meter simulator follows its own vehicle simulator's pin file, and that car is ch
   session the plug-in opened still open over the window (its start record is awaited);
 - the baseline: ``tools/bench/handwritten_loop.py`` (pymodbus read loop + paho publish).
 
-CPU is the scheduler's run time of every thread of the process (``/proc/<pid>/task/*/schedstat``,
-nanoseconds: a window holds a fifth of a second of each program's CPU, which ``/proc/<pid>/stat``
-counts in 10 ms ticks) over the window after a warm-up, scaled to 1,000 poll cycles; beside it,
-how busy the machine's other work kept its cores (``/proc/stat``), since a busy machine moves
-both programs' figures. Memory is the resident set (``VmRSS``) at the end and its peak (``VmHWM``). ``python -m evse_tools.bench.cpu`` prints
+CPU is the scheduler's run time of every thread of the process
+(``/proc/<pid>/task/*/schedstat``, nanoseconds: a window holds a fifth of a second of each
+program's CPU, which ``/proc/<pid>/stat`` counts in 10 ms ticks) over the window after a
+warm-up, scaled to 1,000 poll cycles; beside it, how busy the machine's other work kept its
+cores (``/proc/stat``), since a busy machine moves both programs' figures. Memory is the
+resident set (``VmRSS``) at the end and its peak (``VmHWM``). ``python -m evse_tools.bench.cpu`` prints
 the figures and the ratios (goals: CPU <= 1.3x, resident memory <= 1.15x).
 """
 
@@ -58,6 +59,13 @@ def machine_busy_s():
         fields = [int(value) for value in handle.readline().split()[1:]]
     idle = fields[3] + fields[4]  # idle, iowait
     return (sum(fields[:8]) - idle) / TICKS  # user, nice, system, idle, iowait, irq, softirq, steal
+
+
+def busy_beside(machine_busy, measured_s, window_s):
+    """Share of the machine's cores busy over a window with work other than the programs
+    measured: ``machine_busy`` core-seconds (``machine_busy_s`` across the window) less
+    their ``measured_s``."""
+    return round(max(0.0, machine_busy - measured_s) / window_s / os.cpu_count(), 3)
 
 
 def memory_kib(pid):
@@ -129,7 +137,7 @@ def cpu_figures(broker, workdir, window_s=60.0, warmup_s=5.0):
             sim.stop()
     cycles = window_s  # 1 Hz
     result = {"window_s": window_s, "cycles": int(cycles),
-              "machine_busy_beside": round(max(0.0, busy - sum(used.values())) / window_s / os.cpu_count(), 3),
+              "machine_busy_beside": busy_beside(busy, sum(used.values()), window_s),
               "car": "state C, contactor closed, %.0f A x 3 phases, session open" % cars[0].ev_current_a}
     for index, (name, _) in enumerate(RUNS):
         rss, peak = memory[name]
